@@ -1,0 +1,676 @@
+"""
+A self-contained Mixture-of-Experts transformer that loads published Hugging Face
+checkpoints and computes what transformers computes (checked to 1e-4 in fp32 by
+test_moe.py). One file, read top to bottom: norm, rotary, attention, experts,
+router and MoE block, block, config, model, loading, generation, tokenizers.
+
+Architectures (picked by config.json's `model_type`):
+- olmoe      OLMoE-1B-7B: QK-norm over the whole q/k projection, softmax router,
+             top-k without renormalisation.
+- qwen2_moe  Qwen1.5-MoE: q/k/v bias, no QK-norm, a shared expert scaled by
+             sigmoid(shared_expert_gate(x)), dense layers by decoder_sparse_step /
+             mlp_only_layers.
+- qwen3_moe  QK-norm per head, top-k renormalised, grouped-query attention.
+- mixtral    grouped-query attention, top-k renormalised, w1/w2/w3 expert names.
+
+Notable choices:
+- Experts are stored stacked, one (E, out, in) tensor per projection, so that
+  DR-LoRA can address "expert e, projection p" directly. Dispatch sorts the
+  (token, slot) copies by expert and runs each expert once on its contiguous
+  slice: cost grows with tokens x top-k, not tokens x experts.
+- The router's outputs (logits, top-k ids, gate weights) are returned by every
+  forward (`Output.routers`), never stashed in a global: DR-LoRA reads them each step.
+- Experts have one hook, `Experts.lora`: if set, `lora(name, e, x)` returns the
+  adapter's addition to projection `name` of expert `e`. moe.py knows nothing else
+  about adapters (drlora.py owns them).
+
+Shapes: B batch, T time, H hidden, N = B*T tokens, E experts, K top-k,
+I expert width, nh/nkv heads, hd head dim, S keys (past + T).
+"""
+import glob
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # targets with this value are not in the loss (prompt tokens, padding)
+
+# -----------------------------------------------------------------------------
+# primitives
+
+
+class RMSNorm(nn.Module):
+    """Computed in fp32 and cast back before the weight multiply (as OLMoE/Qwen do)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary(pos, head_dim: int, theta: float, dtype):
+    """cos, sin of shape (B, T, hd) for integer positions (B, T); rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):  # x (B, nh, T, hd), cos/sin (B, T, hd)
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Pre-allocated keys and values for generation. All rows share one write position;
+    rows of different prompt lengths are left-padded and masked."""
+
+    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype, device):
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.pos = 0  # how many positions are filled; the model advances it after each forward
+
+    def update(self, layer: int, k, v):  # k, v (B, nkv, T, hd) -> all keys so far (B, nkv, S, hd)
+        T = k.shape[2]
+        self.k[layer][:, :, self.pos : self.pos + T] = k
+        self.v[layer][:, :, self.pos : self.pos + T] = v
+        return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
+
+
+# -----------------------------------------------------------------------------
+# attention
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: "MoEConfig", layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        nh, nkv, hd, H = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(H, nh * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(H, nkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(H, nkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(nh * hd, H, bias=cfg.o_bias)
+        if cfg.qk_norm == "full":  # OLMoE: one norm over the whole projection, before the head split
+            self.q_norm, self.k_norm = RMSNorm(nh * hd, cfg.rms_eps), RMSNorm(nkv * hd, cfg.rms_eps)
+        elif cfg.qk_norm == "head":  # Qwen3-MoE: per head, over hd
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_eps), RMSNorm(hd, cfg.rms_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, cfg.n_head, cfg.head_dim)
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+        gqa = cfg.n_head != cfg.n_kv_head
+        if mask is None:  # plain causal attention, no padding, no cache
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# -----------------------------------------------------------------------------
+# experts, router, MoE block
+
+
+class MLP(nn.Module):
+    """A dense SwiGLU MLP: Qwen's shared expert and its dense (mlp_only) layers."""
+
+    def __init__(self, H: int, I: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts, each projection stacked over experts: gate/up (E, I, H), down (E, H, I)."""
+
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, E: int, H: int, I: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(E, I, H))
+        self.up_proj = nn.Parameter(torch.empty(E, I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.lora = None  # the adapter hook (drlora.ExpertLoRA), see linear()
+
+    def linear(self, name: str, e: int, x):
+        y = F.linear(x, getattr(self, name)[e])
+        if self.lora is not None:
+            y = self.lora(name, e, x, y)
+        return y
+
+    def forward(self, x, counts: list[int]):
+        """x (N*K, H): token copies grouped by expert, counts[e] rows for expert e."""
+        out = []
+        for e, xe in enumerate(x.split(counts)):
+            if xe.shape[0] == 0:
+                continue
+            h = F.silu(self.linear("gate_proj", e, xe)) * self.linear("up_proj", e, xe)  # (n_e, I)
+            out.append(self.linear("down_proj", e, h))  # (n_e, H)
+        return torch.cat(out)
+
+
+class RouterOut(NamedTuple):
+    logits: torch.Tensor  # (N, E) router logits
+    ids: torch.Tensor  # (N, K) the experts each token went to
+    weights: torch.Tensor  # (N, K) the gate weights that mixed their outputs
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: "MoEConfig"):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.hidden_size, cfg.n_experts, bias=False)  # the router
+        self.experts = Experts(cfg.n_experts, cfg.hidden_size, cfg.intermediate_size)
+        if cfg.shared_expert_size:
+            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x):
+        B, T, H = x.shape
+        E, K = self.cfg.n_experts, self.cfg.top_k
+        x = x.reshape(B * T, H)  # (N, H)
+        logits = self.gate(x)  # (N, E)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # softmax over all experts, then top-k
+        weights, ids = probs.topk(K, dim=-1)  # (N, K)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        # dispatch: sort the N*K (token, slot) copies by expert, run each expert on its slice
+        flat_ids = ids.view(-1)  # (N*K,)
+        order = flat_ids.argsort(stable=True)  # copies of expert 0 first, then expert 1, ...
+        counts = torch.bincount(flat_ids, minlength=E).tolist()
+        token = order // K  # the token each sorted copy came from
+        y = self.experts(x[token], counts)  # (N*K, H)
+        y = y * weights.view(-1)[order, None]
+        out = torch.zeros_like(x).index_add_(0, token, y)  # combine: sum of the K weighted outputs
+        if self.cfg.shared_expert_size:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.view(B, T, H), RouterOut(logits, ids, weights)
+
+
+def load_balancing_loss(routers: list[RouterOut], n_experts: int, valid=None):
+    """Switch-style auxiliary loss E * sum_e (share of slots to e) * (mean prob of e), averaged
+    over layers; used to pretrain the tiny model, not during DR-LoRA fine-tuning."""
+    total = 0.0
+    for r in routers:
+        probs = F.softmax(r.logits.float(), dim=-1)  # (N, E)
+        slots = F.one_hot(r.ids, n_experts).sum(1).float()  # (N, E): 1 where the token went to e
+        if valid is not None:
+            probs, slots = probs[valid], slots[valid]
+        total = total + n_experts * (slots.mean(0) / r.ids.shape[1] * probs.mean(0)).sum()
+    return total / max(len(routers), 1)
+
+
+# -----------------------------------------------------------------------------
+# block, config, model
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: "MoEConfig", layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.is_moe = layer not in cfg.dense_layers
+        self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.dense_intermediate_size)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            h, router = self.mlp(h)
+        else:
+            h, router = self.mlp(h), None
+        return x + h, router
+
+
+@dataclass
+class MoEConfig:
+    model_type: str = "olmoe"
+    vocab_size: int = 258
+    hidden_size: int = 128  # H
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4  # < n_head: grouped-query attention
+    head_dim: int = 0  # 0: hidden_size // n_head
+    n_experts: int = 8  # E routed experts per MoE layer
+    top_k: int = 2  # K: the model's own top-k is used everywhere, never a default
+    intermediate_size: int = 256  # I: width of one routed expert
+    norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1 (Qwen3, Mixtral)
+    shared_expert_size: int = 0  # Qwen2-MoE's shared expert width; 0 = none
+    dense_layers: tuple = ()  # layers with a dense MLP instead of MoE (Qwen's mlp_only_layers)
+    dense_intermediate_size: int = 0
+    qk_norm: str = "full"  # "full" (OLMoE) | "head" (Qwen3-MoE) | "none"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    clip_qkv: float | None = None
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    pad_id: int | None = None
+    eos_id: int | None = None
+    tokenizer: str = "hf"  # "hf": the checkpoint's tokenizer.json; "byte": ByteTokenizer
+    hf: dict = field(default_factory=dict, repr=False)  # the source config.json, kept for export
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.n_head
+        self.dense_layers = tuple(self.dense_layers)
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "MoEConfig":
+        """Read a transformers config.json (both the 4.x and 5.x spellings)."""
+        mt = d.get("model_type")
+        if mt not in ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral"):
+            raise ValueError(f"{source}: unknown model_type {mt!r}; moe.py supports olmoe, qwen2_moe, qwen3_moe, mixtral")
+        rope = d.get("rope_parameters") or {}
+        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
+            raise ValueError(f"{source}: only plain RoPE is supported, got {rope or d.get('rope_scaling')}")
+        n_head = d["num_attention_heads"]
+        c = dict(model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], n_layer=d["num_hidden_layers"],
+                 n_head=n_head, n_kv_head=d.get("num_key_value_heads") or n_head, head_dim=d.get("head_dim") or 0,
+                 rope_theta=float(theta), rms_eps=d.get("rms_norm_eps", 1e-5),
+                 max_seq_len=d.get("max_position_embeddings", 4096), tie_embeddings=d.get("tie_word_embeddings", False),
+                 pad_id=d.get("pad_token_id"), eos_id=d.get("eos_token_id"), tokenizer=d.get("drlora_tokenizer", "hf"), hf=d)
+        if isinstance(c["eos_id"], list):
+            c["eos_id"] = c["eos_id"][0]
+        if mt == "olmoe":
+            c.update(n_experts=d["num_experts"], top_k=d["num_experts_per_tok"], intermediate_size=d["intermediate_size"],
+                     norm_topk_prob=d.get("norm_topk_prob", False), qk_norm="full", qkv_bias=d.get("attention_bias", False),
+                     o_bias=d.get("attention_bias", False), clip_qkv=d.get("clip_qkv"))
+        elif mt in ("qwen2_moe", "qwen3_moe"):
+            n, step, only = d["num_hidden_layers"], d.get("decoder_sparse_step", 1), d.get("mlp_only_layers") or []
+            E = d.get("num_experts", d.get("num_local_experts"))  # transformers 5 writes num_local_experts
+            dense = tuple(i for i in range(n) if i in only or E == 0 or (i + 1) % step != 0)
+            c.update(n_experts=E, top_k=d["num_experts_per_tok"], intermediate_size=d["moe_intermediate_size"],
+                     norm_topk_prob=d.get("norm_topk_prob", mt == "qwen3_moe"), dense_layers=dense,
+                     dense_intermediate_size=d["intermediate_size"])
+            if mt == "qwen2_moe":
+                c.update(qk_norm="none", qkv_bias=d.get("qkv_bias", True), shared_expert_size=d["shared_expert_intermediate_size"])
+            else:
+                bias = d.get("attention_bias", False)
+                c.update(qk_norm="head", qkv_bias=bias, o_bias=bias)
+            if d.get("use_sliding_window"):
+                raise ValueError(f"{source}: sliding-window attention is not supported")
+        else:  # mixtral
+            c.update(n_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"], intermediate_size=d["intermediate_size"],
+                     norm_topk_prob=True, qk_norm="none")
+            if d.get("sliding_window"):
+                raise ValueError(f"{source}: sliding-window attention is not supported")
+        return cls(**c)
+
+    def to_hf(self) -> dict:
+        """config.json for export. A loaded checkpoint returns its own; the tiny model gets an OLMoE config."""
+        if self.hf:
+            return dict(self.hf)
+        assert self.model_type == "olmoe" and not self.dense_layers and not self.shared_expert_size
+        return dict(model_type="olmoe", architectures=["OlmoeForCausalLM"], vocab_size=self.vocab_size,
+                    hidden_size=self.hidden_size, num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
+                    num_key_value_heads=self.n_kv_head, num_experts=self.n_experts, num_experts_per_tok=self.top_k,
+                    intermediate_size=self.intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                    rope_theta=self.rope_theta, rms_norm_eps=self.rms_eps, max_position_embeddings=self.max_seq_len,
+                    tie_word_embeddings=self.tie_embeddings, attention_bias=self.qkv_bias, clip_qkv=self.clip_qkv,
+                    hidden_act="silu", pad_token_id=self.pad_id, eos_token_id=self.eos_id, bos_token_id=None,
+                    drlora_tokenizer=self.tokenizer, output_router_logits=False, router_aux_loss_coef=0.01)
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor  # (B, T, vocab)
+    loss: torch.Tensor | None  # mean cross-entropy over targets != IGNORE_INDEX
+    routers: list  # one RouterOut per MoE layer, in layer order
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE blocks, in the order of Output.routers."""
+        return [b.mlp for b in self.layers if b.is_moe]
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None):
+        """Random init for pretraining from scratch (normal(0, std), norms 1, biases 0)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def forward(self, idx, targets=None, attention_mask=None, cache: KVCache | None = None) -> Output:
+        """idx (B, T) token ids; attention_mask (B, S) 1 = real token, covering the cached past
+        and idx (as in transformers); targets (B, T) with IGNORE_INDEX where not in the loss."""
+        B, T = idx.shape
+        past = cache.pos if cache is not None else 0
+        S = past + T
+        if attention_mask is None:
+            pos = torch.arange(past, S, device=idx.device).expand(B, T)
+            mask = None
+            if cache is not None:
+                mask = torch.ones(B, 1, T, S, dtype=torch.bool, device=idx.device).tril(diagonal=past)
+        else:
+            assert attention_mask.shape == (B, S), f"attention_mask {tuple(attention_mask.shape)} != {(B, S)}"
+            valid = attention_mask.bool()
+            pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # left padding shifts positions
+            q_at = torch.arange(past, S, device=idx.device)[:, None]  # (T, 1) absolute query positions
+            k_at = torch.arange(S, device=idx.device)[None, :]  # (1, S)
+            # causal, no padded keys; every query sees itself, so padded rows never become NaN
+            mask = ((k_at <= q_at) & valid[:, None, :]) | (k_at == q_at)  # (B, T, S)
+            mask = mask[:, None]  # (B, 1, T, S)
+        x = self.embed_tokens(idx)
+        cos, sin = rotary(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        routers = []
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x, r = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x, r = block(x, cos, sin, mask, cache)
+            if r is not None:
+                routers.append(r)
+        if cache is not None:
+            cache.pos = S
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return Output(logits, loss, routers)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None, pad_id: int = 0,
+                 temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+        """Batched decoding with a KV cache. Prompts of different lengths are left-padded.
+        temperature 0 = greedy. Returns the new tokens of each prompt, cut before eos."""
+        device = self.lm_head.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, P - len(p): P] = 1
+        mask[:, P:] = 1
+        cfg = self.cfg
+        cache = KVCache(cfg.n_layer, B, cfg.n_kv_head, P + max_new_tokens, cfg.head_dim, self.lm_head.weight.dtype, device)
+        out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        n = 0
+        logits = self(idx, attention_mask=mask[:, :P], cache=cache).logits[:, -1]
+        for n in range(1, max_new_tokens + 1):
+            if temperature == 0.0:
+                nxt = logits.argmax(-1)
+            else:
+                logits = logits.float() / temperature
+                if top_k is not None:
+                    v, _ = logits.topk(min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+            out[:, n - 1] = nxt
+            if eos_id is not None:
+                done |= nxt == eos_id
+            if done.all() or n == max_new_tokens:
+                break
+            logits = self(nxt[:, None], attention_mask=mask[:, : P + n], cache=cache).logits[:, -1]
+        result = []
+        for row in out[:, :n].tolist():
+            result.append(row[: row.index(eos_id)] if eos_id in row else row)
+        return result
+
+
+# -----------------------------------------------------------------------------
+# loading and saving Hugging Face checkpoints
+
+
+def _hf_to_ours(key: str, cfg: MoEConfig):
+    """Map one checkpoint key to [(our parameter name, expert index or None, rows slice or None)]."""
+    k = key[len("model."):] if key.startswith("model.") else key
+    k = k.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's original naming
+    m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight", k)
+    if m:  # the published per-expert layout
+        proj = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(m[3], m[3])
+        return [(f"layers.{m[1]}.mlp.experts.{proj}", int(m[2]), None)]
+    m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.gate_up_proj", k)
+    if m:  # transformers 5's fused layout: (E, 2I, H), gate rows first
+        I = cfg.intermediate_size
+        return [(f"layers.{m[1]}.mlp.experts.gate_proj", None, slice(0, I)),
+                (f"layers.{m[1]}.mlp.experts.up_proj", None, slice(I, 2 * I))]
+    return [(k, None, None)]
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, s) for s in shards]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are not there: {missing}")
+        return files
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransformer:
+    """Load a Hugging Face checkpoint folder (config.json + safetensors, single or sharded,
+    per-expert or fused expert keys). Shard by shard, straight into the requested dtype,
+    so peak host memory stays near one copy of the model. Strict: every tensor consumed,
+    every parameter filled, shapes equal, else one error naming all that is wrong."""
+    from safetensors import safe_open
+
+    config_file = os.path.join(path, "config.json")
+    if not os.path.exists(config_file):
+        raise FileNotFoundError(f"{config_file} does not exist: not a Hugging Face checkpoint folder")
+    with open(config_file) as f:
+        cfg = MoEConfig.from_hf(json.load(f), source=config_file)
+    files = _checkpoint_files(path)
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    model = model.to_empty(device=device).to(dtype)  # uninitialised storage, filled below
+    params = dict(model.named_parameters())  # a tied lm_head shares the embedding's entry
+    filled = {name: torch.zeros(p.shape[0] if p.dim() == 3 else 1, dtype=torch.bool) for name, p in params.items()}
+    unexpected, bad_shape = [], []
+    for file in files:
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except Exception as e:  # truncated or not a safetensors file
+            raise ValueError(f"{file}: cannot read safetensors file ({e})") from e
+        with handle:
+            for key in handle.keys():
+                targets = _hf_to_ours(key, cfg)
+                if any(t[0] not in params for t in targets):
+                    unexpected.append(key)
+                    continue
+                try:
+                    t = handle.get_tensor(key)
+                except Exception as e:
+                    raise ValueError(f"{file}: cannot read tensor {key} ({e})") from e
+                for name, e, rows in targets:
+                    p = params[name]
+                    src = t if rows is None else t[:, rows]
+                    dst = p if e is None else p[e]
+                    if src.shape != dst.shape:
+                        bad_shape.append(f"{key}: checkpoint {tuple(src.shape)} vs model {tuple(dst.shape)}")
+                        continue
+                    with torch.no_grad():
+                        dst.copy_(src.to(dtype))
+                    filled[name][slice(None) if e is None else e] = True
+                del t
+    missing = [n + ("" if f.numel() == 1 else f" (experts {(~f).nonzero().flatten().tolist()})")
+               for n, f in filled.items() if not f.all()]
+    if cfg.tie_embeddings:
+        missing = [m for m in missing if not m.startswith("lm_head")]
+    if missing or unexpected or bad_shape:
+        raise ValueError(f"checkpoint {path} does not match a {cfg.model_type} model:\n"
+                         f"  missing: {missing}\n  unexpected: {unexpected}\n  wrong shape: {bad_shape}")
+    return model
+
+
+def save_pretrained(model: MoETransformer, path: str, fused: bool = False):
+    """Write config.json + model.safetensors in the Hugging Face layout transformers loads:
+    per-expert keys (the published layout) or, with fused=True, gate_up_proj/down_proj."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    sd = {}
+    for name, p in model.named_parameters():
+        if model.cfg.tie_embeddings and name == "lm_head.weight":
+            continue
+        key = name if name.startswith("lm_head") else "model." + name
+        m = re.fullmatch(r"(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)", name)
+        if m and fused:
+            if m[2] == "gate_proj":
+                sd[f"model.{m[1]}.gate_up_proj"] = torch.cat([p, getattr(model.get_submodule(m[1]), "up_proj")], 1)
+            elif m[2] == "down_proj":
+                sd[f"model.{m[1]}.down_proj"] = p
+        elif m:
+            for e in range(p.shape[0]):
+                sd[f"model.{m[1]}.{e}.{m[2]}.weight"] = p[e]
+        else:
+            sd[key] = p
+    tmp = os.path.join(path, "model.safetensors.tmp")
+    save_file({k: v.detach().contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(model.cfg.to_hf(), f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# finding the weights of a named model
+
+
+KNOWN_MODELS = {  # --model NAME -> Hugging Face repository
+    "olmoe": "allenai/OLMoE-1B-7B-0924",
+    "olmoe-instruct": "allenai/OLMoE-1B-7B-0924-Instruct",
+    "qwen2_moe": "Qwen/Qwen1.5-MoE-A2.7B",
+    "qwen3_moe": "Qwen/Qwen3-30B-A3B",
+    "mixtral": "mistralai/Mixtral-8x7B-v0.1",
+}
+
+
+def find_checkpoint(name: str, download: bool = True) -> str:
+    """A local folder; else a known name or repo id in the local Hugging Face cache; else a
+    download through huggingface_hub. Raises one message saying where it looked."""
+    if os.path.isdir(name):
+        return name
+    repo = KNOWN_MODELS.get(name, name)
+    if "/" not in repo:
+        raise ValueError(f"unknown model {name!r}: give a checkpoint folder, a Hugging Face repo id, or one of {sorted(KNOWN_MODELS)}")
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    snapshots = os.path.join(hub, "models--" + repo.replace("/", "--"), "snapshots")
+    ref = os.path.join(hub, "models--" + repo.replace("/", "--"), "refs", "main")
+    candidates = []
+    if os.path.exists(ref):
+        candidates.append(os.path.join(snapshots, open(ref).read().strip()))
+    candidates += sorted(glob.glob(os.path.join(snapshots, "*")), key=os.path.getmtime, reverse=True)
+    for c in candidates:
+        if os.path.exists(os.path.join(c, "config.json")):
+            return c
+    why = "downloads disabled"
+    if download and not os.environ.get("HF_HUB_OFFLINE"):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+        except ImportError:
+            why = "huggingface_hub is not installed"
+        except Exception as e:  # offline, gated, not found
+            why = f"download failed: {type(e).__name__}: {str(e)[:200]}"
+    raise FileNotFoundError(
+        f"no weights for {name!r} ({repo}). Looked for: a folder named {name!r}; the Hugging Face cache {snapshots}; "
+        f"a download ({why}). Get them with `hf download {repo}` on a machine with internet (then copy "
+        f"~/.cache/huggingface or the folder here), or pass --model /path/to/checkpoint.")
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+class ByteTokenizer:
+    """The tiny embedded model's tokenizer: UTF-8 bytes are tokens 0..255, plus two specials.
+    Downloads nothing and round-trips any text exactly."""
+    eos_id = 256  # <|endoftext|>: ends a document or an answer (also used as BOS)
+    bos_id = 256
+    pad_id = 257  # <|pad|>: never in the loss, never attended to
+    vocab_size = 258
+    name = "byte"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A checkpoint's own tokenizer.json through the `tokenizers` library (exact, with
+    OLMoE's NFC normaliser and added whitespace tokens, which tiktoken cannot express)."""
+
+    def __init__(self, path: str, cfg: MoEConfig):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        self.name = path
+        self.eos_id = cfg.eos_id
+        self.pad_id = cfg.pad_id if cfg.pad_id is not None else cfg.eos_id
+        self.vocab_size = self.tok.get_vocab_size()
+        tc = os.path.join(path, "tokenizer_config.json")
+        self.chat_template = json.load(open(tc)).get("chat_template") if os.path.exists(tc) else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(path: str, cfg: MoEConfig):
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(f"{path}: no tokenizer.json (moe.py reads the checkpoint's own tokenizer)")
+    return HFTokenizer(path, cfg)

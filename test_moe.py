@@ -1,0 +1,227 @@
+"""moe.py against transformers: tiny random models of every supported model_type, written
+to a temporary folder in both checkpoint layouts, loaded by moe.py and compared in fp32.
+Also: KV-cache generation, and one clear error for each kind of broken checkpoint."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import moe
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 96
+
+
+def hf_tiny(model_type: str, seed: int = 0):
+    """A tiny random model built by transformers' own classes (several layers, 8 experts, top-k >= 2)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=128, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    if model_type == "olmoe":
+        cfg = transformers.OlmoeConfig(**common, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+                                       intermediate_size=32, clip_qkv=None)
+        cls = transformers.OlmoeForCausalLM
+    elif model_type == "qwen2_moe":  # shared expert, dense layer 1 via mlp_only_layers
+        cfg = transformers.Qwen2MoeConfig(**common, num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,
+                                          moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                          intermediate_size=80, mlp_only_layers=[1], decoder_sparse_step=1)
+        cls = transformers.Qwen2MoeForCausalLM
+    elif model_type == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=24, num_experts=8,
+                                          num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=80,
+                                          norm_topk_prob=True)
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        cfg = transformers.MixtralConfig(**common, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                                         intermediate_size=32, sliding_window=None)
+        cls = transformers.MixtralForCausalLM
+    model = cls(cfg).eval()
+    with torch.no_grad():  # transformers inits norms to 1 and some weights to 0: perturb everything
+        for n, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def batch_with_padding():
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(2, VOCAB, (3, 11), generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0  # right padding
+    mask[2, :4] = 0  # left padding
+    idx[mask == 0] = 0
+    return idx, mask
+
+
+def hf_router_ids(hf, idx, mask):
+    """Top-k expert ids per MoE layer from transformers' own router modules (forward hooks)."""
+    ids = []
+    hooks = [m.register_forward_hook(lambda m, i, o: ids.append(o[2])) for n, m in hf.named_modules()
+             if n.endswith("mlp.gate") and hasattr(m, "top_k")]
+    with torch.no_grad():
+        logits = hf(input_ids=idx, attention_mask=mask).logits
+    for h in hooks:
+        h.remove()
+    return logits, ids
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_logits_and_routing_match_transformers(tmp_path, model_type, fused):
+    hf = hf_tiny(model_type)
+    hf.save_pretrained(tmp_path, save_original_format=not fused)
+    keys = json.dumps(sorted(__import__("safetensors").safe_open(str(tmp_path / "model.safetensors"), "pt").keys()))
+    assert ("gate_up_proj" in keys) == fused  # the layout we meant to test is the one on disk
+    ours = moe.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    idx, mask = batch_with_padding()
+    ref_logits, ref_ids = hf_router_ids(hf, idx, mask)
+    with torch.no_grad():
+        out = ours(idx, attention_mask=mask)
+    real = mask.bool()
+    assert (out.logits - ref_logits)[real].abs().max().item() <= 1e-4
+    assert len(out.routers) == len(ref_ids) == len(ours.moe_layers())
+    for r, ref in zip(out.routers, ref_ids):
+        ours_ids = r.ids.view(3, 11, -1)[real].sort(-1).values
+        assert torch.equal(ours_ids, ref.view(3, 11, -1)[real].sort(-1).values)
+    if model_type == "qwen2_moe":
+        assert len(out.routers) == 2  # layer 1 is dense
+
+
+def test_generate_with_cache_matches_full_recompute(tmp_path):
+    hf = hf_tiny("olmoe", seed=3)
+    hf.save_pretrained(tmp_path)
+    model = moe.from_pretrained(str(tmp_path)).eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    got = model.generate(prompts, max_new_tokens=8, pad_id=0)
+    for p, g in zip(prompts, got):  # greedy, one prompt at a time, whole prefix every token
+        seq = list(p)
+        for _ in range(8):
+            with torch.no_grad():
+                seq.append(model(torch.tensor([seq])).logits[0, -1].argmax().item())
+        assert g == seq[len(p):]
+    # and transformers' own greedy decoding agrees on the first prompt
+    ref = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ref[0, 5:].tolist() == got[0]
+
+
+def test_generate_stops_at_eos_and_samples_reproducibly(tmp_path):
+    hf = hf_tiny("olmoe", seed=4)
+    hf.save_pretrained(tmp_path)
+    model = moe.from_pretrained(str(tmp_path)).eval()
+    greedy = model.generate([[5, 6, 7]], max_new_tokens=6, pad_id=0)[0]
+    eos = greedy[2]  # pretend the third greedy token is eos: output must stop before it
+    assert model.generate([[5, 6, 7]], max_new_tokens=6, pad_id=0, eos_id=eos)[0] == greedy[: greedy.index(eos)]
+    a = model.generate([[5, 6, 7]] * 2, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
+    b = model.generate([[5, 6, 7]] * 2, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert a == b
+
+
+def test_save_pretrained_round_trip_and_transformers_loads_it(tmp_path):
+    cfg = moe.MoEConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, n_kv_head=4, n_experts=8, top_k=2,
+                        intermediate_size=32, pad_id=0, eos_id=1)
+    model = moe.MoETransformer(cfg)
+    model.init_weights(seed=0)
+    idx, mask = batch_with_padding()
+    for fused in (False, True):
+        moe.save_pretrained(model, tmp_path / str(fused), fused=fused)
+        again = moe.from_pretrained(str(tmp_path / str(fused)))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "False").eval()
+    with torch.no_grad():
+        diff = (hf(input_ids=idx, attention_mask=mask).logits - model(idx, attention_mask=mask).logits)[mask.bool()]
+    assert diff.abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = hf_tiny("olmoe")
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    model = moe.from_pretrained(str(tmp_path))
+    idx, mask = batch_with_padding()
+    with torch.no_grad():
+        diff = (model(idx, attention_mask=mask).logits - hf(input_ids=idx, attention_mask=mask).logits)[mask.bool()]
+    assert diff.abs().max().item() <= 1e-4
+
+
+# --- broken checkpoints: each gives one error that names the problem ---------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    hf_tiny("olmoe").save_pretrained(tmp_path)
+    return tmp_path
+
+
+def rewrite(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(path / "model.safetensors")
+    edit(sd)
+    save_file(sd, path / "model.safetensors")
+
+
+def test_missing_tensor_is_named(saved):
+    rewrite(saved, lambda sd: sd.pop("model.layers.1.mlp.experts.5.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing: \['layers.1.mlp.experts.up_proj \(experts \[5\]\)'\]"):
+        moe.from_pretrained(str(saved))
+
+
+def test_extra_tensor_is_named(saved):
+    rewrite(saved, lambda sd: sd.update({"model.layers.0.mlp.surprise": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"unexpected: \['model.layers.0.mlp.surprise'\]"):
+        moe.from_pretrained(str(saved))
+
+
+def test_wrong_shape_is_named(saved):
+    rewrite(saved, lambda sd: sd.update({"model.norm.weight": torch.ones(63)}))
+    with pytest.raises(ValueError, match=r"model.norm.weight: checkpoint \(63,\) vs model \(64,\)"):
+        moe.from_pretrained(str(saved))
+
+
+def test_unknown_model_type(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json: unknown model_type 'llama'"):
+        moe.from_pretrained(str(saved))
+
+
+def test_missing_config(saved):
+    os.remove(saved / "config.json")
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+        moe.from_pretrained(str(saved))
+
+
+def test_truncated_safetensors(saved):
+    f = saved / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors: cannot read"):
+        moe.from_pretrained(str(saved))
+
+
+def test_find_checkpoint_looks_in_the_hf_cache_then_explains(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    with pytest.raises(FileNotFoundError, match="allenai/OLMoE-1B-7B-0924.*hub/models--allenai--OLMoE-1B-7B-0924"):
+        moe.find_checkpoint("olmoe", download=False)
+    snap = tmp_path / "hf" / "hub" / "models--allenai--OLMoE-1B-7B-0924" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    assert moe.find_checkpoint("olmoe", download=False) == str(snap)
+    with pytest.raises(ValueError, match="unknown model 'gpt5'"):
+        moe.find_checkpoint("gpt5")
+
+
+def test_tokenizer_json_is_used(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    tok = tokenizers.Tokenizer(models.WordLevel({"hello": 2, "world": 3, "[UNK]": 4}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    t = moe.load_tokenizer(str(tmp_path), moe.MoEConfig(pad_id=0, eos_id=1))
+    assert t.encode("hello world") == [2, 3] and t.decode([2, 3]) == "hello world" and t.pad_id == 0
+    assert isinstance(moe.load_tokenizer(str(tmp_path), moe.MoEConfig(tokenizer="byte")), moe.ByteTokenizer)
