@@ -20,9 +20,9 @@ Notable choices:
   slice: cost grows with tokens x top-k, not tokens x experts.
 - The router's outputs (logits, top-k ids, gate weights) are returned by every
   forward (`Output.routers`), never stashed in a global: DR-LoRA reads them each step.
-- Experts have one hook, `Experts.lora`: if set, `lora(name, e, x)` returns the
-  adapter's addition to projection `name` of expert `e`. moe.py knows nothing else
-  about adapters (drlora.py owns them).
+- Experts have one hook, `Experts.lora`: if set, it is called once per MoE forward
+  and returns a function `(name, e, x, y) -> y + adapter's addition` for projection
+  `name` of expert `e`. moe.py knows nothing else about adapters (drlora.py owns them).
 
 Shapes: B batch, T time, H hidden, N = B*T tokens, E experts, K top-k,
 I expert width, nh/nkv heads, hd head dim, S keys (past + T).
@@ -161,22 +161,22 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, H))
         self.up_proj = nn.Parameter(torch.empty(E, I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
-        self.lora = None  # the adapter hook (drlora.ExpertLoRA), see linear()
+        self.lora = None  # the adapter hook (drlora.ExpertLoRA), see forward() and linear()
 
-    def linear(self, name: str, e: int, x):
+    def linear(self, name: str, e: int, x, lora=None):
         y = F.linear(x, getattr(self, name)[e])
-        if self.lora is not None:
-            y = self.lora(name, e, x, y)
-        return y
+        return y if lora is None else lora(name, e, x, y)
 
     def forward(self, x, counts: list[int]):
         """x (N*K, H): token copies grouped by expert, counts[e] rows for expert e."""
+        # the adapter, if any, returns a function adding expert e's LoRA to projection `name`
+        lora = self.lora() if self.lora is not None else None
         out = []
         for e, xe in enumerate(x.split(counts)):
             if xe.shape[0] == 0:
                 continue
-            h = F.silu(self.linear("gate_proj", e, xe)) * self.linear("up_proj", e, xe)  # (n_e, I)
-            out.append(self.linear("down_proj", e, h))  # (n_e, H)
+            h = F.silu(self.linear("gate_proj", e, xe, lora)) * self.linear("up_proj", e, xe, lora)  # (n_e, I)
+            out.append(self.linear("down_proj", e, h, lora))  # (n_e, H)
         return torch.cat(out)
 
 

@@ -1,0 +1,375 @@
+"""
+DR-LoRA: Dynamic Rank LoRA for Mixture-of-Experts fine-tuning (arXiv 2601.04823),
+exactly as ../shared/SPEC.md specifies. Everything about growing ranks lives here.
+
+    expert i, projection p (up_proj, down_proj):
+
+        x ──► W_p (frozen) ─────────────────────────────┐
+        │                                               (+)──► y
+        └─► dropout ─► A_p[i][:r_i] ─► B_p[i][:, :r_i] ─► × s
+                       (r_i, d_in)     (d_out, r_i)
+
+    A and B are allocated at r_max; only the first r_i slots (the active prefix) take
+    part, by slicing, so inactive slots add exactly zero and get exactly zero gradient.
+
+Every dT optimizer steps after warm-up, per layer, the experts with the highest
+saliency  S = f_hat * g_hat / (r + 1)^gamma  get more active rank, until every layer
+holds N * r_target ranks (what uniform LoRA of rank r_target holds):
+- f: routing frequency, an EMA of the gate weight each expert received per token;
+- g: rank importance, an EMA of |dL/dA * A|_1 * |dL/dB * B|_1 per slot, averaged over
+  the expert's active slots and its projections; reset after each growth event.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DRLoRAConfig:
+    method: str = "drlora"  # "drlora" | "lora" (uniform LoRA at r_target, no growth: the baseline)
+    r_init: int = 8
+    r_target: int = 16  # per-layer budget: N * r_target active expert-ranks at the end
+    r_max: int = 32  # slots allocated per expert
+    dT: int = 200  # optimizer steps between growth events
+    p_grow: float = 0.1  # per-event cap per expert: max(1, floor((r_max - r_init) * p_grow))
+    beta: float = 0.9  # EMA factor of f and g
+    gamma: float = 1.2  # rank penalty exponent
+    scale: float = 2.0  # s: constant, never alpha / active rank, so growth never rescales trained slots
+    dropout: float = 0.1  # on the LoRA path only
+    targets: tuple = ("up_proj", "down_proj")  # adapted expert projections ("gate_proj" optional)
+    saliency: str = "fg"  # "fg" | "f" | "g": the paper's component ablation
+    freq: str = "weight"  # "weight": gate weights (the paper) | "count": hard top-k counts (official code)
+    freeze_router: bool = False  # True: the router never trains (ablation); else frozen only in warm-up
+    allocation: str = "layer"  # "layer": per-layer quota | "global": one pool for all layers (ablation)
+    warmup_frac: float = 0.03  # growth starts when the learning-rate warm-up ends
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.method == "lora":
+            self.r_init = self.r_target
+        checks = [(self.method in ("drlora", "lora"), f"method must be drlora or lora, got {self.method!r}"),
+                  (self.saliency in ("fg", "f", "g"), f"saliency must be fg, f or g, got {self.saliency!r}"),
+                  (self.freq in ("weight", "count"), f"freq must be weight or count, got {self.freq!r}"),
+                  (self.allocation in ("layer", "global"), f"allocation must be layer or global, got {self.allocation!r}"),
+                  (1 <= self.r_init <= self.r_target, f"need 1 <= r_init <= r_target, got r_init={self.r_init}, r_target={self.r_target}"),
+                  (self.r_target <= self.r_max, f"need r_target <= r_max, got r_target={self.r_target}, r_max={self.r_max}"),
+                  (set(self.targets) <= {"gate_proj", "up_proj", "down_proj"} and self.targets, f"bad targets {self.targets}")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+def _plain(cfg: DRLoRAConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))  # tuples become lists, as after a save and load
+
+
+# -----------------------------------------------------------------------------
+# the schedule: a small pure function of the step count
+
+
+def schedule(cfg: DRLoRAConfig, total_steps: int, n_experts: int):
+    """(t_warm, event steps, per-event quota Q, per-expert cap) for steps t = 0 .. T-1."""
+    t_warm = math.floor(cfg.warmup_frac * total_steps)
+    if cfg.method == "lora" or cfg.r_init == cfg.r_target:
+        return t_warm, [], 0, 0
+    events = list(range(t_warm, total_steps - cfg.dT + 1, cfg.dT))  # t_warm + k dT while t <= T - dT
+    need = n_experts * (cfg.r_target - cfg.r_init)  # ranks each layer must gain
+    cap = max(1, math.floor((cfg.r_max - cfg.r_init) * cfg.p_grow))
+    if not events:
+        raise ValueError(f"no growth event fits: {total_steps} steps, warm-up ends at {t_warm}, dT={cfg.dT} "
+                         f"(need total_steps >= t_warm + dT); lower dT or train longer")
+    Q = math.ceil(need / len(events))
+    if len(events) * min(Q, n_experts * cap) < need:
+        raise ValueError(f"growth cannot reach r_target: {len(events)} events x at most {min(Q, n_experts * cap)} "
+                         f"ranks < {need} needed per layer; raise p_grow or use more events (smaller dT)")
+    return t_warm, events, Q, cap
+
+
+def allocate(S, ranks, quota: int, cap: int, r_max: int):
+    """One growth event for one pool of experts: visit experts by saliency, highest first
+    (ties: lower index first), give each min(cap, r_max - r, what is left). Returns new ranks."""
+    ranks = ranks.clone()
+    left = quota
+    for i in torch.argsort(-S, stable=True).tolist():
+        if left == 0:
+            break
+        n = min(cap, r_max - int(ranks[i]), left)
+        ranks[i] += n
+        left -= n
+    return ranks
+
+
+# -----------------------------------------------------------------------------
+# the expert LoRA layer
+
+
+class ExpertLoRA(nn.Module):
+    """LoRA for the E experts of one MoE layer. A_p (E, r_max, d_in), B_p (E, d_out, r_max)."""
+
+    def __init__(self, experts, cfg: DRLoRAConfig):
+        super().__init__()
+        self.cfg = cfg
+        E = experts.up_proj.shape[0]
+        for p in cfg.targets:
+            d_out, d_in = getattr(experts, p).shape[1:]
+            bound = 1 / math.sqrt(d_in)  # kaiming_uniform(a=sqrt(5)) of an (r, d_in) nn.Linear weight
+            A = torch.empty(E, cfg.r_max, d_in, device=experts.up_proj.device).uniform_(-bound, bound)
+            self.register_parameter("A_" + p, nn.Parameter(A))
+            self.register_parameter("B_" + p, nn.Parameter(torch.zeros(E, d_out, cfg.r_max, device=A.device)))
+        self.register_buffer("ranks", torch.full((E,), cfg.r_init, dtype=torch.long, device=experts.up_proj.device))
+        self.r = self.ranks.tolist()  # python mirror, so slicing needs no device sync
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def set_ranks(self, ranks):
+        self.ranks.copy_(ranks)
+        self.r = self.ranks.tolist()
+
+    def forward(self):
+        """Called once per MoE forward: returns the function that adds expert e's LoRA.
+        unbind() splits A and B over experts in one autograd node; slicing A[e] per expert
+        would make backward write a full-size zero tensor for every expert."""
+        A = {p: getattr(self, "A_" + p).unbind(0) for p in self.cfg.targets}
+        B = {p: getattr(self, "B_" + p).unbind(0) for p in self.cfg.targets}
+
+        def add_lora(name, e, x, y):
+            r = self.r[e]
+            if name not in A or r == 0:
+                return y
+            # (n, d_in) @ (d_in, r) @ (r, d_out): only the active prefix of slots
+            return y + self.cfg.scale * F.linear(F.linear(self.drop(x), A[name][e][:r]), B[name][e][:, :r])
+
+        return add_lora
+
+    @torch.no_grad()
+    def merge_into(self, experts):
+        """W_p[e] += s * B[e][:, :r] @ A[e][:r], in W's dtype."""
+        for p in self.cfg.targets:
+            W, A, B = getattr(experts, p), getattr(self, "A_" + p), getattr(self, "B_" + p)
+            for e, r in enumerate(self.r):
+                W[e] += (self.cfg.scale * B[e][:, :r].float() @ A[e][:r].float()).to(W.dtype)
+
+
+# -----------------------------------------------------------------------------
+# the controller: injection, statistics, growth, state
+
+
+class DRLoRA:
+    """Adds ExpertLoRA to every MoE layer of a moe.MoETransformer, freezes the rest, keeps
+    f and g, and grows ranks. Per optimizer step t:
+
+        for each micro-batch: out = model(...); drl.observe(out.routers, attention_mask); backward
+        event = drl.step(t)      # after backward, before optimizer.step()
+        optimizer.step()
+    """
+
+    def __init__(self, model, cfg: DRLoRAConfig, total_steps: int):
+        self.cfg, self.total_steps = cfg, total_steps
+        self.blocks = model.moe_layers()
+        L, E = len(self.blocks), model.cfg.n_experts
+        self.t_warm, self.events, self.quota, self.cap = schedule(cfg, total_steps, E)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for blk in self.blocks:
+            blk.experts.lora = ExpertLoRA(blk.experts, cfg)
+        # The router is trained after warm-up: it needs a gradient (and a place in the
+        # optimizer) from the start; step() drops its gradient while it is frozen.
+        for blk in self.blocks:
+            blk.gate.weight.requires_grad_(not cfg.freeze_router)
+        device = self.blocks[0].gate.weight.device
+        self.f = torch.zeros(L, E, device=device)  # routing frequency EMA, never reset
+        self.g = {p: torch.zeros(L, E, cfg.r_max, device=device) for p in cfg.targets}  # per-slot importance EMA
+        self._weight_sum = torch.zeros(L, E, device=device)  # this step's routing, summed over micro-batches
+        self._tokens = torch.zeros(L, device=device)
+        self.history = []  # one dict per growth event
+
+    # -- what to train -------------------------------------------------------
+    def lora_parameters(self):
+        return [p for blk in self.blocks for p in blk.experts.lora.parameters()]
+
+    def router_parameters(self):
+        return [blk.gate.weight for blk in self.blocks if blk.gate.weight.requires_grad]
+
+    def trainable_parameters(self):
+        return self.lora_parameters() + self.router_parameters()
+
+    @property
+    def ranks(self):  # (L, E)
+        return torch.stack([blk.experts.lora.ranks for blk in self.blocks])
+
+    def active_lora_parameters(self) -> int:
+        """LoRA parameters in active slots: sum over layers, experts, projections of r * (d_in + d_out)."""
+        n = 0
+        for blk in self.blocks:
+            for p in self.cfg.targets:
+                d_out, d_in = getattr(blk.experts, p).shape[1:]
+                n += int(blk.experts.lora.ranks.sum()) * (d_in + d_out)
+        return n
+
+    # -- statistics ----------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, routers, attention_mask=None):
+        """Accumulate one micro-batch's routing: the gate weight each expert received, over
+        non-padding tokens (or hard counts with freq='count')."""
+        valid = None if attention_mask is None else attention_mask.reshape(-1).bool()
+        for l, r in enumerate(routers):
+            ids, w = r.ids, r.weights.float()
+            if self.cfg.freq == "count":
+                w = torch.ones_like(w)
+            if valid is not None:
+                ids, w = ids[valid], w[valid]
+            self._weight_sum[l].index_add_(0, ids.reshape(-1), w.reshape(-1))
+            self._tokens[l] += ids.shape[0]
+
+    @torch.no_grad()
+    def update_statistics(self):
+        """f from this step's routing (all-reduced over processes first, so every process
+        agrees), g from the accumulated gradients (already averaged by DDP)."""
+        stats = torch.cat([self._weight_sum.flatten(), self._tokens])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        L, E = self.f.shape
+        weight_sum, tokens = stats[: L * E].view(L, E), stats[L * E:]
+        b = self.cfg.beta
+        self.f.mul_(b).add_((1 - b) * weight_sum / tokens.clamp(min=1)[:, None])
+        for l, blk in enumerate(self.blocks):
+            lora = blk.experts.lora
+            for p in self.cfg.targets:
+                A, B = getattr(lora, "A_" + p), getattr(lora, "B_" + p)
+                if A.grad is None or B.grad is None:  # no token reached the layer's adapters: importance 0
+                    s = torch.zeros_like(self.g[p][l])
+                else:
+                    s = (A.grad * A).abs().sum(-1) * (B.grad * B).abs().sum(-2)  # (E, r_max)
+                self.g[p][l].mul_(b).add_((1 - b) * s.float())
+        self._weight_sum.zero_()
+        self._tokens.zero_()
+
+    def expert_importance(self):
+        """g per expert (L, E): mean over projections of the mean over active slots."""
+        ranks = self.ranks
+        active = torch.arange(self.cfg.r_max, device=ranks.device) < ranks[..., None]  # (L, E, r_max)
+        per_proj = [(self.g[p] * active).sum(-1) / ranks.clamp(min=1) for p in self.cfg.targets]
+        return torch.stack(per_proj).mean(0)
+
+    def saliency(self):
+        """S = f_hat * g_hat / (r + 1)^gamma, f_hat and g_hat normalised over each layer's experts."""
+        eps = 1e-12
+        f_hat = self.f / (self.f.sum(-1, keepdim=True) + eps)
+        g = self.expert_importance()
+        g_hat = g / (g.sum(-1, keepdim=True) + eps)
+        score = {"fg": f_hat * g_hat, "f": f_hat, "g": g_hat}[self.cfg.saliency]
+        return score / (self.ranks + 1).float() ** self.cfg.gamma
+
+    # -- the step ------------------------------------------------------------
+    def step(self, t: int):
+        """After step t's backward, before optimizer.step(). Returns the growth event or None."""
+        if t < self.t_warm:  # the router is frozen during warm-up: no gradient, no update
+            for p in self.router_parameters():
+                p.grad = None
+        self.update_statistics()
+        if t not in self.events:
+            return None
+        return self.grow(t)
+
+    @torch.no_grad()
+    def grow(self, t: int):
+        cfg, S, ranks = self.cfg, self.saliency(), self.ranks
+        L, E = ranks.shape
+        target = E * cfg.r_target
+        if cfg.allocation == "layer":
+            new = torch.stack([allocate(S[l], ranks[l], min(self.quota, target - int(ranks[l].sum())), self.cap, cfg.r_max)
+                               for l in range(L)])
+        else:  # one pool: the quotas and targets of all layers together, experts compared across layers
+            left = L * target - int(ranks.sum())
+            new = allocate(S.flatten(), ranks.flatten(), min(L * self.quota, left), self.cap, cfg.r_max).view(L, E)
+        for l, blk in enumerate(self.blocks):
+            blk.experts.lora.set_ranks(new[l])
+        for p in cfg.targets:  # g restarts after every event; f is kept
+            self.g[p].zero_()
+        event = {"step": t, "grown": (new - ranks).tolist(), "ranks": new.tolist(), "saliency": S.tolist()}
+        self.history.append(event)
+        return event
+
+    # -- state ---------------------------------------------------------------
+    def state_dict(self):
+        return {"config": _plain(self.cfg), "total_steps": self.total_steps, "ranks": self.ranks.cpu(),
+                "f": self.f.cpu(), "g": {p: v.cpu() for p, v in self.g.items()}, "history": self.history}
+
+    def load_state_dict(self, sd):
+        mine = _plain(self.cfg)
+        if sd["config"] != mine:
+            diff = {k: (sd["config"].get(k), v) for k, v in mine.items() if sd["config"].get(k) != v}
+            raise ValueError(f"DR-LoRA settings differ from the checkpoint's (checkpoint, now): {diff}")
+        if sd["total_steps"] != self.total_steps:
+            raise ValueError(f"total_steps differ: checkpoint {sd['total_steps']}, now {self.total_steps}")
+        for l, blk in enumerate(self.blocks):
+            blk.experts.lora.set_ranks(sd["ranks"][l].to(blk.experts.lora.ranks.device))
+        self.f.copy_(sd["f"])
+        for p in self.cfg.targets:
+            self.g[p].copy_(sd["g"][p])
+        self.history = list(sd["history"])
+
+
+# -----------------------------------------------------------------------------
+# merge, and the adapter file
+
+
+def merge(model):
+    """Fold every expert's active LoRA into its weights and remove the adapters."""
+    for blk in model.moe_layers():
+        if blk.experts.lora is not None:
+            blk.experts.lora.merge_into(blk.experts)
+            blk.experts.lora = None
+    return model
+
+
+def save_adapter(model, path: str, cfg: DRLoRAConfig):
+    """safetensors with only the active slots: per layer and projection, the experts' A rows
+    stacked (sum r, d_in) and B columns (d_out, sum r); plus the ranks and the settings."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for l, blk in enumerate(model.moe_layers()):
+        lora = blk.experts.lora
+        tensors[f"layers.{l}.ranks"] = lora.ranks.cpu()
+        for p in cfg.targets:
+            A, B = getattr(lora, "A_" + p), getattr(lora, "B_" + p)
+            tensors[f"layers.{l}.{p}.A"] = torch.cat([A[e, :r] for e, r in enumerate(lora.r)]).detach().cpu().contiguous()
+            tensors[f"layers.{l}.{p}.B"] = torch.cat([B[e, :, :r] for e, r in enumerate(lora.r)], 1).detach().cpu().contiguous()
+    save_file(tensors, path + ".tmp", metadata={"drlora": json.dumps(asdict(cfg))})
+    os.replace(path + ".tmp", path)
+
+
+def load_adapter(model, path: str) -> DRLoRAConfig:
+    """Attach the adapter saved by save_adapter to a fresh base model (inactive slots zero)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        if not meta or "drlora" not in meta:
+            raise ValueError(f"{path}: not a drlora adapter (no 'drlora' settings in its metadata)")
+        cfg = DRLoRAConfig(**json.loads(meta["drlora"]))
+        blocks = model.moe_layers()
+        n_layers = len({k.split(".")[1] for k in f.keys()})
+        if n_layers != len(blocks):
+            raise ValueError(f"{path}: adapter has {n_layers} MoE layers, the model {len(blocks)}")
+        for l, blk in enumerate(blocks):
+            lora = ExpertLoRA(blk.experts, cfg)
+            lora.set_ranks(f.get_tensor(f"layers.{l}.ranks"))
+            with torch.no_grad():
+                for p in cfg.targets:
+                    A, B = getattr(lora, "A_" + p), getattr(lora, "B_" + p)
+                    A.zero_()
+                    A_act, B_act = f.get_tensor(f"layers.{l}.{p}.A"), f.get_tensor(f"layers.{l}.{p}.B")
+                    start = 0
+                    for e, r in enumerate(lora.r):
+                        A[e, :r] = A_act[start:start + r]
+                        B[e, :, :r] = B_act[:, start:start + r]
+                        start += r
+            blk.experts.lora = lora.to(blk.experts.up_proj.device)
+    return cfg
