@@ -415,7 +415,9 @@ class MoETransformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+            # mean over the targets that count; 0 (not NaN) for a batch whose answers were all truncated away
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum") / (targets != IGNORE_INDEX).sum().clamp(min=1)
         return Output(logits, loss, routers)
 
     @torch.no_grad()

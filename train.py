@@ -36,7 +36,8 @@ from data import common
 @dataclass
 class TrainConfig:
     model: str = "tiny"  # "tiny" (embedded, pretrained here) | olmoe | qwen2_moe | ... | a checkpoint folder
-    task: str = "arithmetic"  # data/<task>/{train,val,test}.npz, made by data/<task>.py
+    preset: str = "auto"  # defaults: "tiny" (embedded run) | "paper" (SPEC.md); auto: tiny for --model tiny
+    task: str = "arithmetic"  # data/<task>/{train,val,test}.npz (made by data/<task>.py), or a folder
     out_dir: str = "out"
     adapter: str = ""  # evaluate this saved adapter (safetensors) on the base model, then exit
     # DR-LoRA (drlora.DRLoRAConfig; the embedded default is the paper's setting scaled down)
@@ -98,7 +99,12 @@ def parse_args(argv=None) -> TrainConfig:
         else:
             p.add_argument("--" + f.name, type=type(f.default), default=None, help=f"(default {f.default})")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}  # unknown flags: argparse exits
-    defaults = REAL_MODEL_DEFAULTS if given.get("model", "tiny") != "tiny" else {}
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        preset = "tiny" if given.get("model", "tiny") == "tiny" else "paper"
+    if preset not in ("tiny", "paper"):
+        p.error(f"--preset must be auto, tiny or paper, got {preset!r}")
+    defaults = REAL_MODEL_DEFAULTS if preset == "paper" else {}
     return TrainConfig(**{**defaults, **given})
 
 
@@ -157,7 +163,7 @@ def main(argv=None):
         f"{(n_total - n_expert * (E - K) / E) / 1e6:.1f} M active per token, {E} experts top-{K}, dtype {dtype}")
     # -------------------------------------------------------------------------
     # data
-    folder = os.path.join(common.DATA_DIR, cfg.task)
+    folder = cfg.task if os.path.isdir(cfg.task) else os.path.join(common.DATA_DIR, cfg.task)
     if cfg.model == "tiny" and cfg.task == "arithmetic" and not os.path.exists(os.path.join(folder, "test.npz")):
         if master:
             from data import arithmetic

@@ -1,0 +1,1 @@
+"""Data for drlora: on-disk formats (common), the stdlib pretraining corpus, generated fine-tuning tasks."""

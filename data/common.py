@@ -1,0 +1,309 @@
+"""On-disk data formats of drlora: their writers, readers and batchers.
+
+Each prepared folder (data/stdlib/, data/arithmetic/, ...) holds a `manifest.json` and either
+
+- pretraining token files `SPLIT.bin`: one flat array of token ids, uint16 when the vocabulary
+  fits, else uint32 (the dtype is in the manifest), read through np.memmap and cut into random
+  windows by `get_batch`, as nanoGPT does; or
+- supervised fine-tuning (SFT) sets `SPLIT.npz`: flat `tokens` (uint32), `loss_mask` (uint8, 1 on
+  answer tokens) and `offsets` (int64, n_samples + 1): sample i is tokens[offsets[i]:offsets[i+1]].
+  `sft_batch` right-pads a batch and puts -100 (PyTorch's ignore_index) on the targets that the
+  loss skips: prompt tokens and padding.
+
+A sample is `[eos] + prompt` then `answer + [eos]`: the leading eos plays BOS, as it does between
+documents in pretraining; the trailing one teaches the model to stop. Prompt and answer are encoded
+separately, exactly as the prompt is encoded alone at generation time (a BPE tokenizer could
+otherwise merge tokens across the boundary). Every reader fails loudly: it names the file, the key
+or line, and the script that makes the file.
+"""
+import hashlib
+import json
+import random
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100  # target that F.cross_entropy skips
+DATA_DIR = Path(__file__).resolve().parent
+
+
+def maker(path: Path) -> str:
+    """The command that makes a prepared file: data/NAME/x.npz comes from `python data/NAME.py`."""
+    script = DATA_DIR / f"{Path(path).parent.name}.py"
+    return f"python data/{script.name}" if script.exists() else "a data/*.py prepare script"
+
+
+def _existing(path, hint: str | None = None) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found" + (f"; it is made by `{hint}`" if hint else ""))
+    return path
+
+
+# --- tokenizer duck type: encode(str) -> list[int], decode(ids) -> str, eos_id, pad_id
+
+def vocab_size(tokenizer) -> int:
+    """`vocab_size` (ByteTokenizer, transformers) or `get_vocab_size()` (tokenizers library)."""
+    n = getattr(tokenizer, "vocab_size", None)
+    return int(n) if n is not None else int(tokenizer.get_vocab_size())
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    return np.dtype(np.uint16 if n_vocab < 2**16 else np.uint32)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """What the model sees before it answers: used for training data and for generation alike."""
+    return [tokenizer.eos_id] + tokenizer.encode(prompt)
+
+
+def encode_sample(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    return encode_prompt(tokenizer, prompt), tokenizer.encode(answer) + [tokenizer.eos_id]
+
+
+# --- manifest.json
+
+def write_manifest(folder, manifest: dict) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(folder) -> dict:
+    path = _existing(Path(folder) / "manifest.json", maker(Path(folder) / "x"))
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); remake it with `{maker(path)}`") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} should hold a JSON object; remake it with `{maker(path)}`")
+    return manifest
+
+
+def manifest_get(manifest: dict, key: str, folder):
+    """manifest['splits']['train'] for key 'splits.train', or an error naming the file and key."""
+    value = manifest
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ValueError(f"{Path(folder) / 'manifest.json'} has no key '{key}'; "
+                             f"remake it with `{maker(Path(folder) / 'x')}`")
+        value = value[part]
+    return value
+
+
+# --- pretraining token files
+
+def write_tokens(path, ids: np.ndarray, dtype: np.dtype) -> None:
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(dtype).max):
+        raise ValueError(f"token ids {ids.min()}..{ids.max()} do not fit {np.dtype(dtype).name}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ids.astype(dtype).tofile(path)
+
+
+def load_tokens(path) -> np.memmap:
+    """SPLIT.bin as a read-only memmap, checked against manifest.json's dtype and token count."""
+    path = _existing(path, maker(path))
+    manifest = read_manifest(path.parent)
+    dtype = np.dtype(manifest_get(manifest, "dtype", path.parent))
+    n = manifest_get(manifest, f"splits.{path.stem}.tokens", path.parent)
+    if path.stat().st_size != n * dtype.itemsize:
+        raise ValueError(f"{path} has {path.stat().st_size} bytes but manifest.json says {n} "
+                         f"{dtype.name} tokens: truncated or stale; remake it with `{maker(path)}`")
+    if n == 0:
+        raise ValueError(f"{path} is empty")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows: x (B, T) int64 and its next-token targets y (B, T), y[:, t] = x[:, t+1]."""
+    if len(data) <= block_size:
+        raise ValueError(f"{len(data)} tokens are too few for windows of block_size={block_size} + 1")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts])
+    return x, y
+
+
+# --- supervised fine-tuning sets
+
+def write_sft(path, samples: Sequence[tuple[Sequence[int], Sequence[int]]], *, tokenizer_name: str,
+              source: str, seed: int | None = None) -> dict:
+    """Write (prompt_ids, answer_ids) pairs to SPLIT.npz and record the split in manifest.json."""
+    path = Path(path)
+    tokens, mask, offsets = [], [], [0]
+    for i, (prompt, answer) in enumerate(samples):
+        if len(answer) == 0 or len(prompt) + len(answer) < 2:
+            raise ValueError(f"sample {i} for {path} has no answer token that a loss could cover")
+        tokens += list(prompt) + list(answer)
+        mask += [0] * len(prompt) + [1] * len(answer)
+        offsets.append(len(tokens))
+    if len(offsets) == 1:
+        raise ValueError(f"no samples to write to {path}: an empty dataset is an error")
+    tokens = np.array(tokens, dtype=np.int64)
+    if tokens.min() < 0 or tokens.max() >= 2**32:
+        raise ValueError(f"token ids {tokens.min()}..{tokens.max()} do not fit uint32")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, tokens=tokens.astype(np.uint32), loss_mask=np.array(mask, dtype=np.uint8),
+             offsets=np.array(offsets, dtype=np.int64))
+    stats = {"samples": len(offsets) - 1, "tokens": len(tokens), "answer_tokens": sum(mask),
+             "longest": int(np.diff(offsets).max()), "seed": seed}  # longest > block_size + 1: truncation
+    try:
+        manifest = read_manifest(path.parent)
+    except (FileNotFoundError, ValueError):
+        manifest = {}  # we are remaking the folder: a missing or broken manifest is replaced
+    if manifest.get("source") != source or manifest.get("tokenizer") != tokenizer_name:
+        manifest = {"source": source, "tokenizer": tokenizer_name, "splits": {}}  # others are stale
+    manifest.setdefault("splits", {})[path.stem] = stats
+    write_manifest(path.parent, manifest)
+    return stats
+
+
+class SFTDataset:
+    """Samples of an SFT split: dataset[i] -> (ids int64 (L,), mask bool (L,), True on answer)."""
+
+    def __init__(self, tokens: np.ndarray, loss_mask: np.ndarray, offsets: np.ndarray, manifest: dict):
+        self.tokens, self.loss_mask, self.offsets, self.manifest = tokens, loss_mask, offsets, manifest
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} of a dataset of {len(self)}")
+        a, b = self.offsets[i % len(self)], self.offsets[i % len(self) + 1]
+        return self.tokens[a:b].astype(np.int64), self.loss_mask[a:b].astype(bool)
+
+
+def load_sft(path) -> SFTDataset:
+    path = _existing(path, maker(path))
+    redo = f"remake it with `{maker(path)}`"
+    try:
+        with np.load(path) as f:
+            arrays = {key: f[key] for key in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e}); {redo}") from e
+    for key in ("tokens", "loss_mask", "offsets"):
+        if key not in arrays or arrays[key].ndim != 1:
+            raise ValueError(f"{path}: key '{key}' is missing or not a flat array; {redo}")
+    tokens, mask, offsets = arrays["tokens"], arrays["loss_mask"], arrays["offsets"]
+    if len(mask) != len(tokens):
+        raise ValueError(f"{path}: key 'loss_mask' has {len(mask)} entries, 'tokens' {len(tokens)}; {redo}")
+    if len(offsets) < 2:
+        raise ValueError(f"{path} holds no samples (key 'offsets' has {len(offsets)} entries); {redo}")
+    if offsets[0] != 0 or offsets[-1] != len(tokens) or np.any(np.diff(offsets) < 2):
+        raise ValueError(f"{path}: key 'offsets' does not cut 'tokens' into samples; {redo}")
+    manifest = read_manifest(path.parent)
+    n = manifest_get(manifest, f"splits.{path.stem}.samples", path.parent)
+    if n != len(offsets) - 1:
+        raise ValueError(f"{path} has {len(offsets) - 1} samples, manifest.json says {n}: stale; {redo}")
+    return SFTDataset(tokens, mask, offsets, manifest)
+
+
+def sft_batch(dataset, indices: Sequence[int], block_size: int,
+              pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded batch: x (B, T) ids, y (B, T) next-token targets with -100 on prompt and padding,
+    attention_mask (B, T) 1 on real tokens. T = longest sample - 1, at most block_size; a longer
+    sample loses its tail (one warning per batch says how many)."""
+    samples = [dataset[i] for i in indices]
+    if not samples:
+        raise ValueError("sft_batch got no indices")
+    B, T = len(samples), min(max(len(ids) for ids, _ in samples) - 1, block_size)
+    x = torch.full((B, T), pad_id, dtype=torch.long)
+    y = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    truncated = lost = 0
+    for b, (ids, mask) in enumerate(samples):
+        ids, mask = torch.from_numpy(ids[:T + 1]), torch.from_numpy(mask[:T + 1])
+        if len(ids) < len(samples[b][0]):
+            truncated += 1
+            lost += not mask[1:].any()  # every answer token was in the cut-off tail
+        n = len(ids) - 1
+        x[b, :n] = ids[:-1]
+        y[b, :n] = torch.where(mask[1:], ids[1:], IGNORE_INDEX)
+        attention_mask[b, :n] = 1
+    if truncated:
+        warnings.warn(f"sft_batch: truncated {truncated} of {B} samples longer than block_size + 1 = "
+                      f"{block_size + 1} tokens" + (f"; {lost} of them lost every answer token and "
+                                                     "add nothing to the loss" if lost else ""))
+    return x, y, attention_mask
+
+
+# --- generated tasks (arithmetic.py, sorting.py): disjoint splits and preparation
+
+def hash_split(text: str, val_pct: int = 5, test_pct: int = 5) -> str:
+    """A text's split, fixed by its sha256: any sizes and seeds keep the splits disjoint."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") % 100
+    return "test" if h < test_pct else "val" if h < test_pct + val_pct else "train"
+
+
+def sample_split(draw: Callable[[random.Random], dict], n: int, seed: int, split: str) -> list[dict]:
+    """n distinct rows (by 'prompt') from draw(rng), keeping those whose prompt hashes to `split`."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, not {split!r}")
+    rng, rows, seen = random.Random(seed), [], set()
+    for _ in range(100 * n + 1000):
+        if len(rows) == n:
+            break
+        row = draw(rng)
+        if row["prompt"] not in seen and hash_split(row["prompt"]) == split:
+            seen.add(row["prompt"])
+            rows.append(row)
+    if len(rows) < n:
+        raise ValueError(f"found only {len(rows)} distinct {split} problems of the {n} asked for")
+    return rows
+
+
+def prepare_task(out_dir, generate: Callable[[int, int, str], list[dict]], sizes: dict[str, int],
+                 seed: int, tokenizer, source: str) -> dict:
+    """Generate each split (seed + its index) and write it with write_sft; returns the manifest."""
+    name = getattr(tokenizer, "name", type(tokenizer).__name__)
+    for k, (split, n) in enumerate(sizes.items()):
+        rows = generate(n, seed + k, split)
+        samples = [encode_sample(tokenizer, r["prompt"], r["answer"]) for r in rows]
+        write_sft(Path(out_dir) / f"{split}.npz", samples, tokenizer_name=name, source=source, seed=seed + k)
+    return read_manifest(out_dir)
+
+
+def exact_match(preds: Sequence, targets: Sequence) -> float:
+    """Fraction of preds (extracted answers, None where none was found) equal to their targets."""
+    if len(preds) != len(targets) or not targets:
+        raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
+    return sum(p is not None and p == t for p, t in zip(preds, targets)) / len(targets)
+
+
+# --- JSON lines, read by the prepare scripts of downloaded data sets
+
+def read_jsonl(path, required_keys: Sequence[str] = (), skip_bad: bool = False) -> Iterator[dict]:
+    """Rows of a JSON-lines file. A malformed line (bad JSON or UTF-8, not an object, a required key
+    missing) raises with the file name and line number, or with skip_bad is skipped and counted in
+    one warning at the end. Blank lines are ignored."""
+    return _jsonl_rows(_existing(path), tuple(required_keys), skip_bad)
+
+
+def _jsonl_rows(path: Path, required: tuple[str, ...], skip_bad: bool) -> Iterator[dict]:
+    bad = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                missing = [k for k in required if k not in row]
+                if missing:
+                    raise ValueError(f"missing key(s) {missing}")
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                if not skip_bad:
+                    raise ValueError(f"{path}, line {lineno}: {e}") from e
+                bad += 1
+                continue
+            yield row
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} malformed line(s)")
