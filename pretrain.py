@@ -27,7 +27,7 @@ BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints
 
 @dataclass
 class PretrainConfig:
-    steps: int = 1000
+    steps: int = 600
     batch_size: int = 16
     block_size: int = 256
     lr: float = 2e-3  # AdamW, warm-up then cosine to lr / 10
