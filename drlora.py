@@ -330,13 +330,16 @@ def merge(model):
 
 def save_adapter(model, path: str, cfg: DRLoRAConfig):
     """safetensors with only the active slots: per layer and projection, the experts' A rows
-    stacked (sum r, d_in) and B columns (d_out, sum r); plus the ranks and the settings."""
+    stacked (sum r, d_in) and B columns (d_out, sum r); plus the ranks, the router (trained
+    after warm-up unless freeze_router: without it the base's router comes back) and the settings."""
     from safetensors.torch import save_file
 
     tensors = {}
     for l, blk in enumerate(model.moe_layers()):
         lora = blk.experts.lora
         tensors[f"layers.{l}.ranks"] = lora.ranks.cpu()
+        if not cfg.freeze_router:
+            tensors[f"layers.{l}.router"] = blk.gate.weight.detach().cpu().contiguous()
         for p in cfg.targets:
             A, B = getattr(lora, "A_" + p), getattr(lora, "B_" + p)
             tensors[f"layers.{l}.{p}.A"] = torch.cat([A[e, :r] for e, r in enumerate(lora.r)]).detach().cpu().contiguous()
@@ -362,6 +365,8 @@ def load_adapter(model, path: str) -> DRLoRAConfig:
             lora = ExpertLoRA(blk.experts, cfg)
             lora.set_ranks(f.get_tensor(f"layers.{l}.ranks"))
             with torch.no_grad():
+                if f"layers.{l}.router" in f.keys():
+                    blk.gate.weight.copy_(f.get_tensor(f"layers.{l}.router"))
                 for p in cfg.targets:
                     A, B = getattr(lora, "A_" + p), getattr(lora, "B_" + p)
                     A.zero_()
@@ -371,5 +376,5 @@ def load_adapter(model, path: str) -> DRLoRAConfig:
                         A[e, :r] = A_act[start:start + r]
                         B[e, :, :r] = B_act[:, start:start + r]
                         start += r
-            blk.experts.lora = lora.to(blk.experts.up_proj.device)
+            blk.experts.lora = lora.to(blk.experts.up_proj.device).train(blk.experts.training)  # follow model.eval()
     return cfg
