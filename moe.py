@@ -28,6 +28,7 @@ Shapes: B batch, T time, H hidden, N = B*T tokens, E experts, K top-k,
 I expert width, nh/nkv heads, hd head dim, S keys (past + T).
 """
 import glob
+import hashlib
 import json
 import math
 import os
@@ -655,8 +656,10 @@ class HFTokenizer:
     def __init__(self, path: str, cfg: MoEConfig):
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        self.name = path
+        file = os.path.join(path, "tokenizer.json")
+        self.tok = Tokenizer.from_file(file)
+        with open(file, "rb") as f:  # identity by content, not by path: token files record it
+            self.name = "hf:" + hashlib.sha256(f.read()).hexdigest()[:16]
         self.eos_id = cfg.eos_id
         self.pad_id = cfg.pad_id if cfg.pad_id is not None else cfg.eos_id
         self.vocab_size = self.tok.get_vocab_size()

@@ -40,6 +40,7 @@ class TrainConfig:
     task: str = "arithmetic"  # data/<task>/{train,val,test}.npz (made by data/<task>.py), or a folder
     out_dir: str = "out"
     adapter: str = ""  # evaluate this saved adapter (safetensors) on the base model, then exit
+    export: str = ""  # at the end, write the merged model as a Hugging Face folder here (export.py)
     # DR-LoRA (drlora.DRLoRAConfig; the embedded default is the paper's setting scaled down)
     method: str = "drlora"  # drlora | lora
     r_init: int = 2
@@ -87,7 +88,7 @@ REAL_MODEL_DEFAULTS = dict(r_init=8, r_target=16, r_max=32, dT=200, steps=3750, 
                            log_interval=10, ckpt_interval=250, grad_ckpt=True)
 # settings that may change when resuming
 RESUMABLE = {"resume", "exit_at_step", "eval_interval", "log_interval", "ckpt_interval", "plots", "compile",
-             "eval_samples", "device"}
+             "eval_samples", "device", "export"}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -206,9 +207,10 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     if cfg.adapter:  # evaluation of a saved adapter only
         drlora.load_adapter(model, cfg.adapter)
-        acc, _ = evaluate.exact_match(model, tokenizer, test_set, cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, autocast=autocast)
-        log(f"adapter {cfg.adapter}: accuracy {acc:.3f} on {min(cfg.eval_samples, len(test_set))} test samples")
-        return {"accuracy": acc}
+        r, _ = evaluate.evaluate_task(model, tokenizer, folder, test_set, cfg.eval_samples,
+                                      max_new_tokens=cfg.max_new_tokens, autocast=autocast)
+        log(f"adapter {cfg.adapter}: {r['metric']} {r['score']:.3f} on {min(cfg.eval_samples, len(test_set))} test samples")
+        return {"accuracy": r["score"], **r}
     run = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if ddp else model
     if cfg.compile:
         run = torch.compile(run)
@@ -252,12 +254,12 @@ def main(argv=None):
     # evaluation
     def evaluation(step: int, examples: int = 0):
         loss = evaluate.val_loss(model, val_set, cfg.block_size, tokenizer.pad_id, n=cfg.eval_samples, autocast=autocast)
-        acc, shown = evaluate.exact_match(model, tokenizer, test_set, cfg.eval_samples, max_new_tokens=cfg.max_new_tokens,
-                                          autocast=autocast, examples=examples)
-        log(f"eval step {step}: val loss {loss:.4f}, accuracy {acc:.3f} ({min(cfg.eval_samples, len(test_set))} test prompts)")
+        r, shown = evaluate.evaluate_task(model, tokenizer, folder, test_set, cfg.eval_samples,
+                                          max_new_tokens=cfg.max_new_tokens, autocast=autocast, examples=examples)
+        log(f"eval step {step}: val loss {loss:.4f}, {r['metric']} {r['score']:.3f} ({min(cfg.eval_samples, len(test_set))} test samples)")
         for prompt, out, ok in shown:
             log(f"  {'ok ' if ok else 'bad'} {prompt!r} -> {out!r}")
-        return {"step": step, "val_loss": loss, "accuracy": acc}
+        return {"step": step, "val_loss": loss, "accuracy": r["score"], **r}
 
     if start == 0 and master:
         history["base"] = evaluation(0, examples=2)  # LoRA's B is zero: this is the base model
@@ -341,6 +343,11 @@ def main(argv=None):
             f"| {cfg.method} ({cfg.steps} steps) | {final['val_loss']:.4f} | {final['accuracy']:.3f} |\n"
             f"active LoRA parameters {drl.active_lora_parameters():,}; ranks per layer {[sum(r) for r in drl.ranks.tolist()]}; "
             f"fine-tuning {result['seconds']:.0f}s; adapter {cfg.out_dir}/adapter.safetensors")
+        if cfg.export:  # last: merging removes the adapters
+            import export as exporter
+
+            exporter.export(model, path, cfg.export, overwrite=True)
+            log(f"merged model written to {cfg.export}")
     if ddp:
         dist.destroy_process_group()
     return result

