@@ -72,6 +72,7 @@ class TrainConfig:
     max_new_tokens: int = 24
     log_interval: int = 25
     plots: bool = True
+    eval_base: bool = True  # evaluate the base model before fine-tuning
     # system
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
@@ -88,7 +89,7 @@ REAL_MODEL_DEFAULTS = dict(r_init=8, r_target=16, r_max=32, dT=200, steps=3750, 
                            log_interval=10, ckpt_interval=250, grad_ckpt=True)
 # settings that may change when resuming
 RESUMABLE = {"resume", "exit_at_step", "eval_interval", "log_interval", "ckpt_interval", "plots", "compile",
-             "eval_samples", "device", "export"}
+             "eval_samples", "device", "export", "eval_base"}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -261,7 +262,7 @@ def main(argv=None):
             log(f"  {'ok ' if ok else 'bad'} {prompt!r} -> {out!r}")
         return {"step": step, "val_loss": loss, "accuracy": r["score"], **r}
 
-    if start == 0 and master:
+    if start == 0 and master and cfg.eval_base:
         history["base"] = evaluation(0, examples=2)  # LoRA's B is zero: this is the base model
     # -------------------------------------------------------------------------
     # the loop
