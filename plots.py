@@ -40,7 +40,7 @@ def rank_heatmaps(path, events, r_init):
         ax.set_xticks(range(len(steps))[:: max(1, len(steps) // 4)])
         ax.set_xticklabels(steps[:: max(1, len(steps) // 4)])
     fig.colorbar(im, ax=axes[0].tolist(), label="active rank")
-    fig.suptitle("DR-LoRA: every expert's rank after each growth event (x: step of the event)")
+    fig.suptitle("DR-LoRA: every expert's rank after each growth event (x: step of the event)", y=1.04)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
