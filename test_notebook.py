@@ -28,5 +28,5 @@ def test_notebook_runs_and_ends_in_its_checked_result():
     for c in code:
         c.outputs, c.execution_count = [], None
     # a failing cell raises nbclient's CellExecutionError, naming the cell and its traceback
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
+    NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
     assert DONE in cell_text(code[-1]), f"the last cell printed {cell_text(code[-1])!r}"
