@@ -56,7 +56,8 @@ def val_loss(model, dataset, block_size: int, pad_id: int, batch_size: int = 32,
     n = len(dataset) if n is None else min(n, len(dataset))
     for i in range(0, n, batch_size):
         x, y, mask = common.sft_batch(dataset, range(i, min(i + batch_size, n)), block_size, pad_id)
-        x, y, mask = x.to(model.lm_head.weight.device), y.to(model.lm_head.weight.device), mask.to(model.lm_head.weight.device)
+        device = model.lm_head.weight.device
+        x, y, mask = x.to(device), y.to(device), mask.to(device)
         with autocast or torch.autocast("cpu", enabled=False):
             logits = model(x, attention_mask=mask).logits
         k = (y != -100).sum().item()

@@ -30,10 +30,9 @@ I expert width, nh/nkv heads, hd head dim, S keys (past + T).
 import glob
 import hashlib
 import json
-import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch

@@ -53,7 +53,8 @@ def routing_by_kind(model, n: int = 16, length: int = 256, seed: int = 0) -> dic
     sets = {"code": texts["code"][:n], "code'": texts["code"][n:], "prose": texts["prose"][:n]}
     dist = {}
     for kind, snippets in sets.items():
-        ids = torch.tensor([tok.encode(s)[:length] for s in snippets if len(tok.encode(s)) >= length])
+        encoded = [tok.encode(s) for s in snippets]
+        ids = torch.tensor([e[:length] for e in encoded if len(e) >= length])
         routers = model(ids).routers
         dist[kind] = [torch.bincount(r.ids.flatten(), minlength=model.cfg.n_experts).float() / r.ids.numel()
                       for r in routers]
@@ -62,7 +63,8 @@ def routing_by_kind(model, n: int = 16, length: int = 256, seed: int = 0) -> dic
             "prose": [d.tolist() for d in dist["prose"]], "code": [d.tolist() for d in dist["code"]]}
 
 
-def pretrain(out_dir: str = BASE_DIR, cfg: PretrainConfig = PretrainConfig(), log=print) -> dict:
+def pretrain(out_dir: str = BASE_DIR, cfg: PretrainConfig | None = None, log=print) -> dict:
+    cfg = cfg or PretrainConfig()
     torch.manual_seed(cfg.seed)
     corpus = stdlib.prepare() if not os.path.exists(stdlib.OUT_DIR / "manifest.json") else common.read_manifest(stdlib.OUT_DIR)
     train, val = common.load_tokens(stdlib.OUT_DIR / "train.bin"), common.load_tokens(stdlib.OUT_DIR / "val.bin")

@@ -3,7 +3,6 @@ to a temporary folder in both checkpoint layouts, loaded by moe.py and compared 
 Also: KV-cache generation, and one clear error for each kind of broken checkpoint."""
 import json
 import os
-import shutil
 
 import pytest
 import torch

@@ -203,8 +203,7 @@ def main(argv=None):
         f"quota {drl.quota}, cap {drl.cap}; trainable {sum(p.numel() for p in trainable) / 1e6:.2f} M "
         f"(allocated LoRA {sum(p.numel() for p in drl.lora_parameters()) / 1e6:.2f} M, active now "
         f"{drl.active_lora_parameters() / 1e6:.3f} M, at the end {drl.active_lora_parameters() * dcfg.r_target / dcfg.r_init / 1e6:.3f} M)")
-    tokens_per_step = cfg.batch_size * cfg.grad_accum
-    log(f"{cfg.batch_size} samples x {accum} micro-batches x {world} processes = {tokens_per_step} samples per step")
+    log(f"{cfg.batch_size} samples x {accum} micro-batches x {world} processes = {cfg.batch_size * cfg.grad_accum} samples per step")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     if cfg.adapter:  # evaluation of a saved adapter only
         drlora.load_adapter(model, cfg.adapter)
