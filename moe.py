@@ -211,7 +211,9 @@ class MoE(nn.Module):
         order = flat_ids.argsort(stable=True)  # copies of expert 0 first, then expert 1, ...
         counts = torch.bincount(flat_ids, minlength=E).tolist()
         token = order // K  # the token each sorted copy came from
-        y = self.experts(x[token], counts)  # (N*K, H)
+        # index_select rather than x[token]: the same gather, but its backward is a plain index_add
+        # (bench.py: fine-tune step 1.07-1.13x faster on CPU)
+        y = self.experts(x.index_select(0, token), counts)  # (N*K, H)
         y = y * weights.view(-1)[order, None]
         out = torch.zeros_like(x).index_add_(0, token, y)  # combine: sum of the K weighted outputs
         if self.cfg.shared_expert_size:

@@ -51,7 +51,8 @@ class TrainConfig:
     beta: float = 0.9
     gamma: float = 1.2
     scale: float = 2.0
-    lora_dropout: float = 0.1
+    lora_dropout: float = 0.0  # the paper's 0.1 for real models; on the tiny CPU default its random masks
+    # cost 1.5x the step time (measured: 495 vs 323 ms) and train loss stays at val loss (no overfitting)
     targets: str = "up_proj,down_proj"
     saliency: str = "fg"  # fg | f | g
     freq: str = "weight"  # weight | count
@@ -84,7 +85,7 @@ class TrainConfig:
 
 
 # the paper's settings (SPEC.md), the defaults for a real model unless given on the command line
-REAL_MODEL_DEFAULTS = dict(r_init=8, r_target=16, r_max=32, dT=200, steps=3750, lr=2e-5, batch_size=4, grad_accum=12,
+REAL_MODEL_DEFAULTS = dict(r_init=8, r_target=16, r_max=32, dT=200, steps=3750, lr=2e-5, lora_dropout=0.1, batch_size=4, grad_accum=12,
                            block_size=2048, eval_interval=500, eval_samples=1319, max_new_tokens=512,
                            log_interval=10, ckpt_interval=250, grad_ckpt=True)
 # settings that may change when resuming
