@@ -141,7 +141,6 @@ def main(argv=None):
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    torch.manual_seed(cfg.seed)  # the same LoRA init on every process
     os.makedirs(cfg.out_dir, exist_ok=True)
     # -------------------------------------------------------------------------
     # base model and tokenizer
@@ -196,6 +195,8 @@ def main(argv=None):
                                p_grow=cfg.p_grow, beta=cfg.beta, gamma=cfg.gamma, scale=cfg.scale, dropout=cfg.lora_dropout,
                                targets=tuple(cfg.targets.split(",")), saliency=cfg.saliency, freq=cfg.freq,
                                freeze_router=cfg.freeze_router, allocation=cfg.allocation)
+    # seeded here, after any pretraining: the same LoRA init on every process and in every run
+    torch.manual_seed(cfg.seed)
     drl = drlora.DRLoRA(model, dcfg, total_steps=cfg.steps)
     trainable = drl.trainable_parameters()
     names = {id(p): n for n, p in model.named_parameters()}
