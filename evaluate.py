@@ -14,8 +14,6 @@ metric and evaluate_task() computes it:
 """
 import json
 import os
-import re
-from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +23,7 @@ from data import common, sorting
 # --- answers
 
 
-_NUMBER = r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"  # 12, 1,234, -3, $18.50, -$5
-
-
-def extract_number(text: str) -> Fraction | None:
-    """The number after the first '####', else after the last 'The answer is' (any case, optional
-    ':' and '$'), as an exact Fraction: '18.50' == '18.5', '7.0' == '7'. None if there is none."""
-    m = re.search(r"####\s*(" + _NUMBER + ")", text)
-    found = [m.group(1)] if m else re.findall(r"the answer is:?\s*(" + _NUMBER + ")", text, re.IGNORECASE)
-    if not found:
-        return None
-    return Fraction(found[-1].replace(",", "").replace("$", ""))
+extract_number = common.extract_number  # the final number of a GSM8K-style answer (data/common.py)
 
 
 def split_sample(ids, mask):
@@ -54,9 +42,9 @@ def val_loss(model, dataset, block_size: int, pad_id: int, batch_size: int = 32,
     model.eval()
     total, count = 0.0, 0
     n = len(dataset) if n is None else min(n, len(dataset))
+    device = model.lm_head.weight.device
     for i in range(0, n, batch_size):
         x, y, mask = common.sft_batch(dataset, range(i, min(i + batch_size, n)), block_size, pad_id)
-        device = model.lm_head.weight.device
         x, y, mask = x.to(device), y.to(device), mask.to(device)
         with autocast or torch.autocast("cpu", enabled=False):
             logits = model(x, attention_mask=mask).logits
@@ -139,8 +127,8 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[list[int
 
 
 def load_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """A task's side file (test_choices.jsonl, ...): bad lines raise with the file and line number."""
+    return list(common.read_jsonl(path))
 
 
 def multiple_choice(model, dataset, choices: list[dict], n: int | None = None, batch_size: int = 16, autocast=None) -> dict:

@@ -15,7 +15,6 @@
 
 `python data/arithmetic.py` writes data/arithmetic/{train,val,test}.npz and manifest.json.
 """
-import re
 import sys
 import time
 from pathlib import Path
@@ -68,17 +67,10 @@ def generate(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     return common.sample_split(draw, n, seed, split)
 
 
-_NUMBER = r"(-?\d[\d,]*(?:\.\d+)?)"
-
-
 def extract_answer(text: str) -> int | None:
     """The integer after the first '####', else after the last 'The answer is', else None."""
-    match = re.search(r"####\s*" + _NUMBER, text)
-    found = [match.group(1)] if match else re.findall(r"[Tt]he answer is:?\s*\$?" + _NUMBER, text)
-    if not found:
-        return None
-    whole, _, fraction = found[-1].replace(",", "").partition(".")
-    return int(whole) if fraction.strip("0") == "" else None  # 7.0 counts as 7, 7.5 is no integer
+    n = common.extract_number(text)
+    return int(n) if n is not None and n.denominator == 1 else None  # 7.0 counts as 7, 7.5 is no integer
 
 
 exact_match = common.exact_match  # one metric for every task

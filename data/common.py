@@ -19,8 +19,10 @@ or line, and the script that makes the file.
 import hashlib
 import json
 import random
+import re
 import warnings
 import zipfile
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -267,6 +269,19 @@ def prepare_task(out_dir, generate: Callable[[int, int, str], list[dict]], sizes
         samples = [encode_sample(tokenizer, r["prompt"], r["answer"]) for r in rows]
         write_sft(Path(out_dir) / f"{split}.npz", samples, tokenizer_name=name, source=source, seed=seed + k)
     return read_manifest(out_dir)
+
+
+_NUMBER = r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"  # 12, 1,234, -3, $18.50, -$5
+
+
+def extract_number(text: str) -> Fraction | None:
+    """The number after the first '####', else after the last 'The answer is' (any case, optional
+    ':' and '$'), as an exact Fraction: '18.50' == '18.5', '7.0' == '7'. None if there is none."""
+    m = re.search(r"####\s*(" + _NUMBER + ")", text)
+    found = [m.group(1)] if m else re.findall(r"the answer is:?\s*(" + _NUMBER + ")", text, re.IGNORECASE)
+    if not found:
+        return None
+    return Fraction(found[-1].replace(",", "").replace("$", ""))
 
 
 def exact_match(preds: Sequence, targets: Sequence) -> float:
