@@ -234,6 +234,57 @@ def load_balancing_loss(routers: list[RouterOut], n_experts: int, valid=None):
     return total / max(len(routers), 1)
 
 
+class HeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the logits h @ W.T against targets, without ever holding the
+    (N, vocab) logits: ROWS rows at a time, the forward computes the loss and, while
+    each chunk's softmax is at hand, the gradients dL/dh and dL/dW; the backward only scales
+    them. Same numbers as F.cross_entropy(h @ W.T) (test_moe). Why: the logits, their
+    log-softmax and their gradient are three (N, vocab) fp32 tensors, about a quarter of a
+    tiny-model CPU step; chunked, the head and loss run 1.7x faster (forward + backward,
+    2048 tokens x 8192 vocab, 2 threads: 203 -> 117 ms; OLMoE's 50304 vocab: 1.5x) and
+    need ROWS x vocab of memory instead of N x vocab."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, grad: bool):  # h (N, H), W (vocab, H), targets (N,)
+        want_h, want_W = (grad and need for need in ctx.needs_input_grad[:2])
+        n = (targets != IGNORE_INDEX).sum().clamp(min=1)  # mean over the targets that count, 0 if none
+        rows = HeadLoss.ROWS
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.zeros_like(h) if want_h else None
+        dW = torch.zeros_like(W, dtype=torch.float32) if want_W else None
+        for s in range(0, h.shape[0], rows):
+            hc, tc = h[s:s + rows], targets[s:s + rows]
+            keep = tc != IGNORE_INDEX
+            if not keep.any():
+                continue
+            logits = (hc @ W.t()).float()  # (rows, vocab)
+            t = tc.clamp(min=0)[:, None]
+            target_logit = logits.gather(1, t)[:, 0]
+            top = logits.amax(dim=-1)
+            p = logits.sub_(top[:, None]).exp_()  # in place: one (rows, vocab) buffer per chunk
+            z = p.sum(dim=-1)
+            loss += ((top + z.log() - target_logit) * keep).sum()  # logsumexp - target logit
+            if want_h or want_W:  # dL/dlogits = (softmax - onehot(target)) / n on kept rows, 0 elsewhere
+                w = keep / n
+                g = p.mul_((w / z)[:, None]).scatter_add_(1, t, -w[:, None]).to(h.dtype)
+                if want_h:
+                    dh[s:s + rows] = g @ W
+                if want_W:
+                    dW += g.t().float() @ hc.float()
+        ctx.save_for_backward(dh, dW)
+        ctx.W_dtype = W.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dW = ctx.saved_tensors
+        dh = dh * grad_loss.to(dh.dtype) if dh is not None else None
+        dW = (dW * grad_loss).to(ctx.W_dtype) if dW is not None else None
+        return dh, dW, None, None
+
+    ROWS = 256  # rows per chunk: 8 MiB of fp32 logits for the tiny vocab (8192), 51 MiB for OLMoE's 50304
+
+
 # -----------------------------------------------------------------------------
 # block, config, model
 
@@ -349,7 +400,7 @@ class MoEConfig:
 
 
 class Output(NamedTuple):
-    logits: torch.Tensor  # (B, T, vocab)
+    logits: torch.Tensor | None  # (B, T, vocab); None when targets are given (see HeadLoss)
     loss: torch.Tensor | None  # mean cross-entropy over targets != IGNORE_INDEX
     routers: list  # one RouterOut per MoE layer, in layer order
 
@@ -414,13 +465,12 @@ class MoETransformer(nn.Module):
                 routers.append(r)
         if cache is not None:
             cache.pos = S
-        logits = self.lm_head(self.norm(x))
-        loss = None
-        if targets is not None:
-            # mean over the targets that count; 0 (not NaN) for a batch whose answers were all truncated away
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum") / (targets != IGNORE_INDEX).sum().clamp(min=1)
-        return Output(logits, loss, routers)
+        x = self.norm(x)
+        if targets is None:
+            return Output(self.lm_head(x), None, routers)
+        # with targets, the loss is computed chunk by chunk and the logits are never materialised
+        loss = HeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), torch.is_grad_enabled())
+        return Output(None, loss, routers)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None, pad_id: int = 0,

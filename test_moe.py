@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moe
 
@@ -86,6 +87,49 @@ def test_logits_and_routing_match_transformers(tmp_path, model_type, fused):
         assert torch.equal(ours_ids, ref.view(3, 11, -1)[real].sort(-1).values)
     if model_type == "qwen2_moe":
         assert len(out.routers) == 2  # layer 1 is dense
+
+
+def test_head_loss_matches_cross_entropy(monkeypatch):
+    """HeadLoss (chunked head + loss, gradients worked out in the forward) against
+    F.cross_entropy on full logits: value and both gradients, with ignored targets, a chunk
+    with no target at all, a short last chunk, and a loss scaled before backward."""
+    monkeypatch.setattr(moe.HeadLoss, "ROWS", 4)  # 13 rows: chunks of 4, 4, 4, 1
+    torch.manual_seed(0)
+    h = torch.randn(13, 16, requires_grad=True)
+    W = torch.randn(VOCAB, 16, requires_grad=True)
+    t = torch.randint(0, VOCAB, (13,))
+    t[[0, 4, 5, 6, 7, 10]] = moe.IGNORE_INDEX  # rows 4..7 are a whole chunk without targets
+    ref = F.cross_entropy(h @ W.t(), t, ignore_index=moe.IGNORE_INDEX)
+    ref_dh, ref_dW = torch.autograd.grad(3 * ref, (h, W))
+    ours = moe.HeadLoss.apply(h, W, t, True)
+    dh, dW = torch.autograd.grad(3 * ours, (h, W))
+    assert abs(ours.item() - ref.item()) <= 1e-6 * ref.item()
+    assert (dh - ref_dh).abs().max() <= 1e-6 and (dW - ref_dW).abs().max() <= 1e-6
+    assert dh[4:8].abs().max() == 0  # rows without a target get no gradient
+    none = torch.full_like(t, moe.IGNORE_INDEX)  # nothing to predict: loss 0, not NaN
+    loss = moe.HeadLoss.apply(h, W, none, True)
+    assert loss.item() == 0 and torch.autograd.grad(loss, h)[0].abs().max() == 0
+
+
+def test_model_loss_is_cross_entropy_of_its_logits(tmp_path):
+    """With targets, forward returns the loss of the logits it would return without them
+    (which it no longer materialises), and the same gradients, with or without grad mode."""
+    hf_tiny("olmoe").save_pretrained(tmp_path)
+    model = moe.from_pretrained(str(tmp_path)).train()
+    idx, mask = batch_with_padding()
+    y = idx.roll(-1, 1).masked_fill(mask == 0, moe.IGNORE_INDEX)
+    y[:, :4] = moe.IGNORE_INDEX  # a prompt
+    logits = model(idx, attention_mask=mask).logits
+    ref = F.cross_entropy(logits.view(-1, VOCAB), y.view(-1), ignore_index=moe.IGNORE_INDEX)
+    params = [model.lm_head.weight, model.layers[1].mlp.experts.down_proj]
+    ref_grads = torch.autograd.grad(ref, params)
+    out = model(idx, targets=y, attention_mask=mask)
+    assert out.logits is None
+    assert abs(out.loss.item() - ref.item()) <= 1e-5
+    for g, r in zip(torch.autograd.grad(out.loss, params), ref_grads):
+        assert (g - r).abs().max() <= 1e-6 * max(1.0, r.abs().max().item())
+    with torch.no_grad():
+        assert abs(model(idx, targets=y, attention_mask=mask).loss.item() - ref.item()) <= 1e-5
 
 
 def test_generate_with_cache_matches_full_recompute(tmp_path):
