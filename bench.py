@@ -536,35 +536,13 @@ def section_gpu(steps: int = 5, warmup: int = 2):
         return
     cfg = moe.MoEConfig(model_type="olmoe", vocab_size=50304, hidden_size=2048, n_layer=16, n_head=16, n_kv_head=16,
                         n_experts=64, top_k=8, intermediate_size=1024, max_seq_len=4096)
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the GPU: no 28 GB fp32 copy on the way
-    try:
-        with torch.device("cuda"):
-            model = moe.MoETransformer(cfg)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    with torch.no_grad():  # random weights, drawn on the GPU (init_weights draws on the CPU: slow at 7B)
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    drl = drlora.DRLoRA(model, drlora.DRLoRAConfig(r_init=8, r_target=16, r_max=32), total_steps=TOTAL_STEPS)
-    for l, blk in enumerate(model.moe_layers()):
-        blk.experts.lora.set_ranks(torch.tensor(rank_pattern("end", cfg.n_experts, l), device="cuda"))
-    opt = torch.optim.AdamW(drl.trainable_parameters(), lr=LR, weight_decay=0)
-    model.train()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (1, 4097), device="cuda", generator=g)
-    _, flops = step_flops(cfg, 4096, 4096, drl.ranks.float().mean().item(), drl.cfg.targets)
+    model, drl, opt = shaped_model(cfg, "cuda")
     rows = []
-    t = drl.t_warm + 1
     for ckpt in (False, True):
-        model.gradient_checkpointing = ckpt
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        times = []
         try:
-            t = gpu_steps(model, drl, opt, x, t, warmup, steps, times)
+            times, flops = shaped_steps(model, drl, opt, 4096, ckpt, warmup, steps)
         except torch.cuda.OutOfMemoryError as e:  # a smaller GPU than the H100/H200 this section is sized for
             rows.append([f"gradient checkpointing {'on' if ckpt else 'off'}", "out of memory", str(e)[:80], "", ""])
             opt.zero_grad(set_to_none=True)
@@ -577,23 +555,53 @@ def section_gpu(steps: int = 5, warmup: int = 2):
     table(["setting", "tokens/s", "step ms [min..max]", "peak GiB (allocated)", "MFU vs 989 TFLOP/s"], rows)
 
 
-def gpu_steps(model, drl, opt, x, t: int, warmup: int, steps: int, times: list) -> int:
-    """warmup + steps DR-LoRA steps in bf16 autocast; appends the timed ones to times; returns the next t."""
+def shaped_model(cfg: moe.MoEConfig, device: str):
+    """A model of cfg's shape with random bf16 weights drawn on device, DR-LoRA r 8 -> 16 (r_max 32)
+    at its "end" point of growth, and AdamW: what section 5 times (test_bench runs it tiny on the CPU)."""
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: no 28 GB fp32 copy on the way
+    try:
+        with torch.device(device):
+            model = moe.MoETransformer(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():  # random weights, drawn on the device (init_weights draws on the CPU: slow at 7B)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    drl = drlora.DRLoRA(model, drlora.DRLoRAConfig(r_init=8, r_target=16, r_max=32), total_steps=TOTAL_STEPS)
+    for l, blk in enumerate(model.moe_layers()):
+        blk.experts.lora.set_ranks(torch.tensor(rank_pattern("end", cfg.n_experts, l), device=device))
+    opt = torch.optim.AdamW(drl.trainable_parameters(), lr=LR, weight_decay=0)
+    model.train()
+    return model, drl, opt
+
+
+def shaped_steps(model, drl, opt, seq: int, ckpt: bool, warmup: int, steps: int):
+    """warmup + steps DR-LoRA steps on one random sequence of seq tokens, in bf16 autocast, with or
+    without gradient checkpointing. Returns (seconds of the timed steps, model FLOPs per step)."""
+    device = model.lm_head.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, model.cfg.vocab_size, (1, seq + 1), device=device, generator=g)
+    model.gradient_checkpointing = ckpt
+    t, times = drl.t_warm + 1, []
     for i in range(warmup + steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(x[:, :-1], targets=x[:, 1:])
         drl.observe(out.routers)
         out.loss.backward()
-        drl.step(t)
+        assert drl.step(t) is None, "a growth event fell in a timed step"
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         t += 1
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return t
+    return times, step_flops(model.cfg, seq, seq, drl.ranks.float().mean().item(), drl.cfg.targets)[1]
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 
 from data import common, sorting
 
@@ -47,9 +46,9 @@ def val_loss(model, dataset, block_size: int, pad_id: int, batch_size: int = 32,
         x, y, mask = common.sft_batch(dataset, range(i, min(i + batch_size, n)), block_size, pad_id)
         x, y, mask = x.to(device), y.to(device), mask.to(device)
         with autocast or torch.autocast("cpu", enabled=False):
-            logits = model(x, attention_mask=mask).logits
+            loss = model(x, targets=y, attention_mask=mask).loss  # mean over this batch's answer tokens
         k = (y != -100).sum().item()
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        total += loss.item() * k
         count += k
     model.train(was_training)
     return total / max(count, 1)

@@ -23,6 +23,8 @@ Notable choices:
 - Experts have one hook, `Experts.lora`: if set, it is called once per MoE forward
   and returns a function `(name, e, x, y) -> y + adapter's addition` for projection
   `name` of expert `e`. moe.py knows nothing else about adapters (drlora.py owns them).
+- Given targets, forward returns the loss and no logits: HeadLoss takes the
+  cross-entropy a chunk of rows at a time and never holds (N, vocab) logits.
 
 Shapes: B batch, T time, H hidden, N = B*T tokens, E experts, K top-k,
 I expert width, nh/nkv heads, hd head dim, S keys (past + T).

@@ -79,6 +79,29 @@ def test_writes_result_plots_and_adapter(setup, tmp_path):
         assert os.path.getsize(tmp_path / f) > 0, f
     saved = json.load(open(tmp_path / "result.json"))
     assert len(saved["history"]["loss"]) == 12 and len(saved["history"]["events"]) == 4  # t_warm 0, events 0, 3, 6, 9
+    # --adapter: the saved adapter on a fresh base evaluates exactly as the trained model did
+    again = train.main(args(setup, tmp_path / "again", "--adapter", str(tmp_path / "adapter.safetensors")))
+    final = saved["history"]["final"]
+    assert abs(final["val_loss"] - saved["history"]["base"]["val_loss"]) > 1e-3  # the adapter changes the model
+    assert abs(again["val_loss"] - final["val_loss"]) <= 1e-6 and again["accuracy"] == final["accuracy"]
+    assert not os.path.exists(tmp_path / "again" / "ckpt.pt")  # evaluation only: nothing trained, nothing saved
+
+
+def test_lora_init_does_not_depend_on_what_ran_before(setup, tmp_path, monkeypatch):
+    """train.py seeds right before DR-LoRA's init: random numbers drawn while the base is
+    made or loaded (the tiny base is pretrained inside the first run) change nothing."""
+    plain = train.main(args(setup, tmp_path / "plain", "--steps", "6"))
+    load = moe.from_pretrained
+
+    def load_and_draw(*a, **kw):  # as pretraining the tiny base would: it draws from the global generator
+        torch.rand(1000)
+        return load(*a, **kw)
+
+    monkeypatch.setattr(moe, "from_pretrained", load_and_draw)
+    drawn = train.main(args(setup, tmp_path / "drawn", "--steps", "6"))
+    a = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=False)["trainable"]
+    b = torch.load(tmp_path / "drawn" / "ckpt.pt", weights_only=False)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and plain["val_loss"] == drawn["val_loss"]
 
 
 def test_lora_method_has_no_events(setup, tmp_path):

@@ -190,6 +190,21 @@ def main(argv=None):
         return out
 
     # -------------------------------------------------------------------------
+    # evaluation
+    def evaluation(step: int, examples: int = 0, what: str = ""):
+        loss = evaluate.val_loss(model, val_set, cfg.block_size, tokenizer.pad_id, n=cfg.eval_samples, autocast=autocast)
+        r, shown = evaluate.evaluate_task(model, tokenizer, folder, test_set, cfg.eval_samples,
+                                          max_new_tokens=cfg.max_new_tokens, autocast=autocast, examples=examples)
+        log(f"{what or f'eval step {step}'}: val loss {loss:.4f}, {r['metric']} {r['score']:.3f} "
+            f"({min(cfg.eval_samples, len(test_set))} test samples)")
+        for prompt, out, ok in shown:
+            log(f"  {'ok ' if ok else 'bad'} {prompt!r} -> {out!r}")
+        return {"step": step, "val_loss": loss, "accuracy": r["score"], **r}
+
+    if cfg.adapter:  # evaluate a saved adapter (it carries its own DR-LoRA settings and ranks), then stop
+        drlora.load_adapter(model, cfg.adapter)
+        return evaluation(0, examples=3, what=f"adapter {cfg.adapter}")
+    # -------------------------------------------------------------------------
     # DR-LoRA and the optimizer
     dcfg = drlora.DRLoRAConfig(method=cfg.method, r_init=cfg.r_init, r_target=cfg.r_target, r_max=cfg.r_max, dT=cfg.dT,
                                p_grow=cfg.p_grow, beta=cfg.beta, gamma=cfg.gamma, scale=cfg.scale, dropout=cfg.lora_dropout,
@@ -207,12 +222,6 @@ def main(argv=None):
         f"{drl.active_lora_parameters() / 1e6:.3f} M, at the end {drl.active_lora_parameters() * dcfg.r_target / dcfg.r_init / 1e6:.3f} M)")
     log(f"{cfg.batch_size} samples x {accum} micro-batches x {world} processes = {cfg.batch_size * cfg.grad_accum} samples per step")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    if cfg.adapter:  # evaluation of a saved adapter only
-        drlora.load_adapter(model, cfg.adapter)
-        r, _ = evaluate.evaluate_task(model, tokenizer, folder, test_set, cfg.eval_samples,
-                                      max_new_tokens=cfg.max_new_tokens, autocast=autocast)
-        log(f"adapter {cfg.adapter}: {r['metric']} {r['score']:.3f} on {min(cfg.eval_samples, len(test_set))} test samples")
-        return {"accuracy": r["score"], **r}
     run = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if ddp else model
     if cfg.compile:
         run = torch.compile(run)
@@ -251,17 +260,6 @@ def main(argv=None):
         torch.set_rng_state(state["rng"][rank])
         start, pos, history = state["step"], state["pos"], state["history"]
         log(f"resumed from {ckpt_path} at step {start}")
-
-    # -------------------------------------------------------------------------
-    # evaluation
-    def evaluation(step: int, examples: int = 0):
-        loss = evaluate.val_loss(model, val_set, cfg.block_size, tokenizer.pad_id, n=cfg.eval_samples, autocast=autocast)
-        r, shown = evaluate.evaluate_task(model, tokenizer, folder, test_set, cfg.eval_samples,
-                                          max_new_tokens=cfg.max_new_tokens, autocast=autocast, examples=examples)
-        log(f"eval step {step}: val loss {loss:.4f}, {r['metric']} {r['score']:.3f} ({min(cfg.eval_samples, len(test_set))} test samples)")
-        for prompt, out, ok in shown:
-            log(f"  {'ok ' if ok else 'bad'} {prompt!r} -> {out!r}")
-        return {"step": step, "val_loss": loss, "accuracy": r["score"], **r}
 
     if start == 0 and master and cfg.eval_base:
         history["base"] = evaluation(0, examples=2)  # LoRA's B is zero: this is the base model
