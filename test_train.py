@@ -11,7 +11,7 @@ import torch
 
 import moe
 import train
-from data import arithmetic
+from data import arithmetic, common
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -107,6 +107,17 @@ def test_lora_init_does_not_depend_on_what_ran_before(setup, tmp_path, monkeypat
 def test_lora_method_has_no_events(setup, tmp_path):
     result = train.main(args(setup, tmp_path, "--method", "lora"))
     assert result["ranks"] == [[2] * 4, [2] * 4]
+
+
+def test_embedded_task_is_made_on_first_use_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "DATA_DIR", tmp_path)
+    folder = train.task_folder("sorting", make=True)
+    assert folder == str(tmp_path / "sorting")
+    assert [len(common.load_sft(tmp_path / "sorting" / f"{s}.npz")) for s in ("train", "val", "test")] == [20_000, 500, 500]
+    made = os.path.getmtime(tmp_path / "sorting" / "train.npz")
+    assert train.task_folder("sorting", make=True) == folder
+    assert os.path.getmtime(tmp_path / "sorting" / "train.npz") == made  # not made twice
+    assert train.task_folder("gsm8k", make=True) == str(tmp_path / "gsm8k") and not os.path.exists(tmp_path / "gsm8k")
 
 
 # --- bad input: a clear error naming what is wrong -----------------------------------------

@@ -12,6 +12,7 @@ The embedded default pretrains its tiny base model on the first run (pretrain.py
 """
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -111,6 +112,15 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**{**defaults, **given})
 
 
+def task_folder(task: str, make: bool) -> str:
+    """The folder of a task's token files; with make, an embedded task (byte tokens, for the tiny
+    model) is generated there on first use."""
+    folder = task if os.path.isdir(task) else os.path.join(common.DATA_DIR, task)
+    if make and task in ("arithmetic", "sorting") and not os.path.exists(os.path.join(folder, "test.npz")):
+        importlib.import_module(f"data.{task}").prepare(out_dir=folder)
+    return folder
+
+
 def get_lr(t: int, cfg: TrainConfig) -> float:
     """Linear warm-up over the first 3 % of steps (t_warm, where DR-LoRA starts growing), then linear decay."""
     t_warm = math.floor(0.03 * cfg.steps)
@@ -165,14 +175,9 @@ def main(argv=None):
         f"{(n_total - n_expert * (E - K) / E) / 1e6:.1f} M active per token, {E} experts top-{K}, dtype {dtype}")
     # -------------------------------------------------------------------------
     # data
-    folder = cfg.task if os.path.isdir(cfg.task) else os.path.join(common.DATA_DIR, cfg.task)
-    if cfg.model == "tiny" and cfg.task == "arithmetic" and not os.path.exists(os.path.join(folder, "test.npz")):
-        if master:
-            from data import arithmetic
-
-            arithmetic.prepare()
-        if ddp:
-            dist.barrier()
+    folder = task_folder(cfg.task, make=master and cfg.model == "tiny")
+    if ddp:
+        dist.barrier()
     train_set, val_set, test_set = (common.load_sft(os.path.join(folder, f"{s}.npz")) for s in ("train", "val", "test"))
     made_with = train_set.manifest.get("tokenizer")
     if made_with != tokenizer.name:
