@@ -377,8 +377,8 @@ def report_throughput(runners, times, stats, peak, grow_s, memory):
               "state). Total = built + training.\n")
         table(["configuration", "built MiB", "training MiB", "total MiB", "total vs ref"], rows)
     if ref:
-        slowest = max((n for n in times if n.startswith("ours")), key=lambda n: median(times[n]))
-        full = "ours LoRA r=16, loss on full logits"
+        full = "ours LoRA r=16, loss on full logits"  # a handicap for comparison, not a way to run ours
+        slowest = max((n for n in times if n.startswith("ours") and n != full), key=lambda n: median(times[n]))
         print(f"Target ours >= 1.3x the reference's tokens/s: ours LoRA r=16 is "
               f"{median(times[ref]) / median(times['ours LoRA r=16']):.2f}x, the slowest of ours "
               f"({slowest}) {median(times[ref]) / median(times[slowest]):.2f}x"
