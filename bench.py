@@ -157,6 +157,12 @@ def step_flops(cfg: moe.MoEConfig, tokens: int, seq: int, r_mean: float, targets
 # the runners: one object per configuration, step() = one optimizer step
 
 
+def full_logits_loss(logits, y):
+    """Cross-entropy on materialised (B, T, vocab) logits: the reference's loss, and ours in the
+    comparison row that takes it the same way (ours otherwise uses moe.HeadLoss)."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+
 class Ours:
     def __init__(self, mcfg: moe.MoEConfig, overrides: dict, pattern: str | None, stats: bool, full_logits=False):
         self.model = moe.MoETransformer(mcfg)
@@ -182,7 +188,7 @@ class Ours:
         t0 = time.perf_counter()
         if self.full_logits:  # the reference's way: materialise (B, T, vocab) logits, then the loss
             out = self.model(x)
-            out = out._replace(loss=F.cross_entropy(out.logits.float().view(-1, out.logits.size(-1)), y.reshape(-1)))
+            out = out._replace(loss=full_logits_loss(out.logits, y))
         else:
             out = self.model(x, targets=y)
         s = 0.0
@@ -205,7 +211,8 @@ class Ours:
 class Reference:
     """transformers' OlmoeForCausalLM with PEFT LoRA r=16 on the fused experts. PEFT cannot
     target up_proj without gate_proj (they are one gate_up_proj tensor), so it adapts gate
-    too. The router trains, as ours does after warm-up. Loss computed as ours."""
+    too. The router trains, as ours does after warm-up. Loss on full logits (full_logits_loss),
+    the way a transformers user takes it."""
 
     def __init__(self, ckpt: str, impl: str):
         import peft
@@ -229,9 +236,7 @@ class Reference:
 
     def step(self, x, y):
         t0 = time.perf_counter()
-        logits = self.logits(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-        loss.backward()
+        full_logits_loss(self.logits(x), y).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0, 0.0

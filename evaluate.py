@@ -47,7 +47,7 @@ def val_loss(model, dataset, block_size: int, pad_id: int, batch_size: int = 32,
         x, y, mask = x.to(device), y.to(device), mask.to(device)
         with autocast or torch.autocast("cpu", enabled=False):
             loss = model(x, targets=y, attention_mask=mask).loss  # mean over this batch's answer tokens
-        k = (y != -100).sum().item()
+        k = (y != common.IGNORE_INDEX).sum().item()
         total += loss.item() * k
         count += k
     model.train(was_training)
@@ -107,7 +107,7 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[list[int
         seqs = [(prompts[i] + options[i][j])[-limit - 1:] for i, j in chunk]
         T = max(len(s) for s in seqs) - 1
         x = torch.zeros(len(chunk), T, dtype=torch.long)
-        y = torch.full((len(chunk), T), -100, dtype=torch.long)
+        y = torch.full((len(chunk), T), common.IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros(len(chunk), T, dtype=torch.long)
         for b, ((i, j), s) in enumerate(zip(chunk, seqs)):
             n_opt = len(options[i][j])
@@ -118,7 +118,7 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[list[int
         with autocast or torch.autocast("cpu", enabled=False):
             logits = model(x, attention_mask=mask).logits
         logp = torch.log_softmax(logits.float(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]  # (B, T)
-        sums, counts = (logp * (y != -100)).sum(1).tolist(), (y != -100).sum(1).tolist()
+        sums, counts = (logp * (y != common.IGNORE_INDEX)).sum(1).tolist(), (y != common.IGNORE_INDEX).sum(1).tolist()
         for (i, j), s, c in zip(chunk, sums, counts):
             out[i][j] = (s, c)
     model.train(was_training)

@@ -252,7 +252,7 @@ class HeadLoss(torch.autograd.Function):
         n = (targets != IGNORE_INDEX).sum().clamp(min=1)  # mean over the targets that count, 0 if none
         rows = HeadLoss.ROWS
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        dh = torch.zeros_like(h) if want_h else None
+        dh = torch.empty_like(h) if want_h else None  # every chunk writes its rows
         dW = torch.zeros_like(W, dtype=torch.float32) if want_W else None
         for s in range(0, h.shape[0], rows):
             hc, tc = h[s:s + rows], targets[s:s + rows]
