@@ -25,10 +25,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import drlora
-import evaluate
+import evals
 import moe
-import pretrain
-from data import common
+from data import common, pretrain
 
 # -----------------------------------------------------------------------------
 # config
@@ -197,8 +196,8 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # evaluation
     def evaluation(step: int, examples: int = 0, what: str = ""):
-        loss = evaluate.val_loss(model, val_set, cfg.block_size, tokenizer.pad_id, n=cfg.eval_samples, autocast=autocast)
-        r, shown = evaluate.evaluate_task(model, tokenizer, folder, test_set, cfg.eval_samples,
+        loss = evals.val_loss(model, val_set, cfg.block_size, tokenizer.pad_id, n=cfg.eval_samples, autocast=autocast)
+        r, shown = evals.evaluate_task(model, tokenizer, folder, test_set, cfg.eval_samples,
                                           max_new_tokens=cfg.max_new_tokens, autocast=autocast, examples=examples)
         log(f"{what or f'eval step {step}'}: val loss {loss:.4f}, {r['metric']} {r['score']:.3f} "
             f"({min(cfg.eval_samples, len(test_set))} test samples)")

@@ -35,8 +35,11 @@ DATA_DIR = Path(__file__).resolve().parent
 
 def maker(path: Path) -> str:
     """The command that makes a prepared file: data/NAME/x.npz comes from `python data/NAME.py`."""
-    script = DATA_DIR / f"{Path(path).parent.name}.py"
-    return f"python data/{script.name}" if script.exists() else "a data/*.py prepare script"
+    name = Path(path).parent.name
+    for folder in ("data", "tasks"):  # embedded tasks in data/, the real ones in tasks/
+        if (DATA_DIR.parent / folder / f"{name}.py").exists():
+            return f"python {folder}/{name}.py"
+    return "a prepare script (data/*.py or tasks/*.py)"
 
 
 def _existing(path, hint: str | None = None) -> Path:

@@ -1,8 +1,8 @@
 """LEDGAR (LexGLUE): contract provisions labelled with one of 100 categories, asked as 4-way multiple
 choice: the true category and 3 distractors drawn from the other categories.
 
-    python data/ledgar.py --model olmoe         # hf:coastalcph/lex_glue:ledgar:train and :test
-    python data/ledgar.py --model PATH --train train.jsonl --test test.jsonl --label_names labels.txt
+    python tasks/ledgar.py --model olmoe         # hf:coastalcph/lex_glue:ledgar:train and :test
+    python tasks/ledgar.py --model PATH --train train.jsonl --test test.jsonl --label_names labels.txt
 
 Rows: {text, label}; label a category name, or its number with --label_names FILE (one name a line,
 in label order) or from the Hub (datasets' ClassLabel names arrive as 'label_name').
@@ -17,13 +17,13 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import tasks  # noqa: E402
+from tasks import prepare  # noqa: E402
 
 QUESTION = "Which category best describes the following contract provision?\n\n{text}"
 
 
 def example(row: dict, args) -> dict:
-    text, label = tasks.text(row, "text"), row.get("label_name", row.get("label"))
+    text, label = prepare.text(row, "text"), row.get("label_name", row.get("label"))
     if isinstance(label, int) and not isinstance(label, bool):
         if not args.label_names:
             raise ValueError("the label is a number: pass --label_names FILE to name the categories")
@@ -47,7 +47,7 @@ def finish(train: list[dict], test: list[dict], args):
         options = rng.sample([lab for lab in labels if lab != ex["label_name"]], 3)
         k = rng.randrange(4)
         options.insert(k, ex["label_name"])
-        ex.update(tasks.multiple_choice(QUESTION.format(text=ex["text"]), options, k))
+        ex.update(prepare.multiple_choice(QUESTION.format(text=ex["text"]), options, k))
     return train, test
 
 
@@ -65,9 +65,9 @@ def add_args(p):
     p.add_argument("--label_names", type=read_names, help="file with one category name a line, in label-number order")
 
 
-TASK = tasks.Task("ledgar", train=["hf:coastalcph/lex_glue:ledgar:train"], test=["hf:coastalcph/lex_glue:ledgar:test"],
+TASK = prepare.Task("ledgar", train=["hf:coastalcph/lex_glue:ledgar:train"], test=["hf:coastalcph/lex_glue:ledgar:test"],
                   train_example=example, test_example=example, metric="multiple_choice",
                   add_args=add_args, finish=finish)
 
 if __name__ == "__main__":
-    tasks.cli(TASK, __doc__)
+    prepare.cli(TASK, __doc__)

@@ -13,7 +13,7 @@ import moe
 import train
 from data import arithmetic, common
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def humaneval(model, tokenizer, dataset, problems: list[dict], n: int | None = N
               batch_size: int = 16, autocast=None, timeout: float = 10.0, examples: int = 0):
     """pass@1 of greedy completions of the first n problems (test_problems.jsonl, in test.npz's order).
     RUNS MODEL-WRITTEN CODE: see code_eval.py. Returns (pass@1, [(task_id, completion, passed)])."""
-    import code_eval
+    from tasks import code_eval
 
     n = len(dataset) if n is None else min(n, len(dataset))
     if len(problems) != len(dataset):

@@ -1,10 +1,10 @@
-"""Shared machinery of the real-task prepare scripts: data/gsm8k.py, humaneval.py, tulu.py, medmcqa.py,
+"""Shared machinery of the real-task prepare scripts: tasks/gsm8k.py, humaneval.py, tulu.py, medmcqa.py,
 wmt.py and ledgar.py. A script names its default sources and turns one row into a conversation; this
-file reads the rows, formats them in the model's chat format (data/chat.py), writes the SFT files with
+file reads the rows, formats them in the model's chat format (tasks/chat.py), writes the SFT files with
 common.write_sft and completes manifest.json.
 
-    python data/gsm8k.py --model olmoe                       # default sources, from the Hugging Face Hub
-    python data/gsm8k.py --model PATH --train metamath.json --test gsm8k_test.jsonl --skip_bad
+    python tasks/gsm8k.py --model olmoe                       # default sources, from the Hugging Face Hub
+    python tasks/gsm8k.py --model PATH --train metamath.json --test gsm8k_test.jsonl --skip_bad
 
 Sources (--train / --test take one or more):
 - a local file: .jsonl, .jsonl.gz, .json (a JSON array, or JSON lines), .parquet (needs pyarrow);
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from data import chat as chat_format
+from tasks import chat as chat_format
 from data import common
 
 LETTERS = "ABCD"

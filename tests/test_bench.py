@@ -5,7 +5,7 @@ import math
 
 import torch
 
-import bench
+from tools import bench
 import moe
 
 

@@ -1,11 +1,11 @@
 """The OLMoE SFT mix (allenai/tulu-v3.1-mix-preview-4096-OLMoE: the conversations OLMoE-1B-7B-Instruct
 was tuned on), with IFEval's 541 prompts for test.
 
-    python data/tulu.py --model olmoe           # the mix and google/IFEval from the Hub
-    python data/tulu.py --model PATH --train tulu_mix.jsonl --test ifeval_input_data.jsonl
+    python tasks/tulu.py --model olmoe           # the mix and google/IFEval from the Hub
+    python tasks/tulu.py --model PATH --train tulu_mix.jsonl --test ifeval_input_data.jsonl
 
 Train rows: {messages: [{role, content}, ...]}, roles system/user/assistant, ending with an assistant
-turn; only that last turn is in the loss (see data/chat.py). test.npz is a second held-out slice of the
+turn; only that last turn is in the loss (see tasks/chat.py). test.npz is a second held-out slice of the
 mix (loss only). IFEval rows {key, prompt, ...} go to test_prompts.jsonl with their prompt ids;
 evaluate.generate_responses writes the {prompt, response} file that IFEval's own scorer
 (google-research/instruction_following_eval) reads. Scoring IFEval is out of scope here.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import tasks  # noqa: E402
+from tasks import prepare  # noqa: E402
 
 
 def train_example(row: dict, args) -> dict:
@@ -34,11 +34,11 @@ def train_example(row: dict, args) -> dict:
 
 def test_example(row: dict, args) -> dict:
     extra = {"key": row["key"]} if "key" in row else {}
-    return {"messages": tasks.chat(tasks.text(row, "prompt")), "extra": extra}
+    return {"messages": prepare.chat(prepare.text(row, "prompt")), "extra": extra}
 
 
-TASK = tasks.Task("tulu", train=["hf:allenai/tulu-v3.1-mix-preview-4096-OLMoE:train"], test=["hf:google/IFEval:train"],
+TASK = prepare.Task("tulu", train=["hf:allenai/tulu-v3.1-mix-preview-4096-OLMoE:train"], test=["hf:google/IFEval:train"],
                   train_example=train_example, test_example=test_example, metric="none", prompts_only_test=True)
 
 if __name__ == "__main__":
-    tasks.cli(TASK, __doc__)
+    prepare.cli(TASK, __doc__)

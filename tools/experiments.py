@@ -21,7 +21,8 @@ import time
 
 import torch
 
-import train
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import train  # noqa: E402
 
 
 ROWS = {  # name -> train.py flags on top of COMMON

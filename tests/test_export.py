@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import drlora
-import export
+from tools import export
 import moe
 
 transformers = pytest.importorskip("transformers")

@@ -55,8 +55,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import drlora
-import moe
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import drlora  # noqa: E402
+import moe  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the setting

@@ -4,7 +4,7 @@ The embedded default's base model: a tiny OLMoE-architecture MoE (3.5 M paramete
 source, so that every machine can make it without a download. DR-LoRA then fine-tunes
 it like a real pretrained MoE. train.py calls `ensure_tiny_base()`: the first run
 pretrains (about 4 minutes on 2 CPU cores) and caches the model in the Hugging Face
-layout; later runs load it. `python pretrain.py` does the same by hand.
+layout; later runs load it. `python data/pretrain.py` does the same by hand.
 
 It also checks whether the experts specialised: per layer, the total-variation
 distance between the routing of code and of English prose (docstrings, comments),
@@ -22,7 +22,7 @@ import torch
 import moe
 from data import common, stdlib
 
-BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-olmoe")
+BASE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "tiny-olmoe")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The research harness: export, the DR-LoRA-vs-LoRA experiments and the benchmark."""
