@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import drlora
 import evals
-import moe
+import hf
 from data import common, pretrain
 
 # -----------------------------------------------------------------------------
@@ -160,9 +160,9 @@ def main(argv=None):
             dist.barrier()
         path = pretrain.BASE_DIR
     else:
-        path = moe.find_checkpoint(cfg.model)
-    model = moe.from_pretrained(path, dtype=dtype, device=device)
-    tokenizer = moe.load_tokenizer(path, model.cfg)
+        path = hf.find_checkpoint(cfg.model)
+    model = hf.from_pretrained(path, dtype=dtype, device=device)
+    tokenizer = hf.load_tokenizer(path, model.cfg)
     model.gradient_checkpointing = cfg.grad_ckpt
     if cfg.block_size > model.cfg.max_seq_len:
         log(f"warning: block_size {cfg.block_size} > the model's {model.cfg.max_seq_len} positions: using {model.cfg.max_seq_len}")

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import hf
+
 import moe
 from data import common, stdlib
 
@@ -38,7 +40,7 @@ class PretrainConfig:
 
 
 def tiny_config() -> moe.MoEConfig:
-    tok = moe.ByteTokenizer()
+    tok = hf.ByteTokenizer()
     return moe.MoEConfig(model_type="olmoe", vocab_size=tok.vocab_size, hidden_size=128, n_layer=4, n_head=4,
                          n_kv_head=4, n_experts=8, top_k=2, intermediate_size=256, qk_norm="full",
                          max_seq_len=256, pad_id=tok.pad_id, eos_id=tok.eos_id, tokenizer="byte")
@@ -48,7 +50,7 @@ def tiny_config() -> moe.MoEConfig:
 def routing_by_kind(model, n: int = 16, length: int = 256, seed: int = 0) -> dict:
     """Per layer: routing distribution (share of top-k slots per expert) of code, prose, and a
     second, disjoint set of code; TV(code, prose) against the baseline TV(code, code')."""
-    tok = moe.ByteTokenizer()
+    tok = hf.ByteTokenizer()
     texts = stdlib.kind_samples(2 * n, length, seed=seed)
     sets = {"code": texts["code"][:n], "code'": texts["code"][n:], "prose": texts["prose"][:n]}
     dist = {}
@@ -113,7 +115,7 @@ def pretrain(out_dir: str = BASE_DIR, cfg: PretrainConfig | None = None, log=pri
     log("expert specialisation, TV distance of routing per layer: code vs prose "
         f"{[round(v, 3) for v in tv]}, baseline code vs other code {[round(v, 3) for v in base]}")
     tmp = out_dir + ".tmp"
-    moe.save_pretrained(model, tmp)
+    hf.save_pretrained(model, tmp)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump(result, f, indent=1)
     if os.path.exists(out_dir):  # replace a stale copy whole: never a half-written base model

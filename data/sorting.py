@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import common  # noqa: E402
-from moe import ByteTokenizer  # noqa: E402
+from hf import ByteTokenizer  # noqa: E402
 
 OUT_DIR = common.DATA_DIR / "sorting"
 SIZES = {"train": 20_000, "val": 500, "test": 500}

@@ -30,7 +30,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import common  # noqa: E402
-from moe import ByteTokenizer  # noqa: E402
+from hf import ByteTokenizer  # noqa: E402
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
 OUT_DIR = common.DATA_DIR / "stdlib"

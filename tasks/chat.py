@@ -127,22 +127,22 @@ def _plain_prompt(messages: list[dict]) -> str:
 
 
 def load_format(model: str, template_from: str | None = None):
-    """(tokenizer, ChatFormat) of a checkpoint folder or known name (moe.find_checkpoint, no download),
+    """(tokenizer, ChatFormat) of a checkpoint folder or known name (hf.find_checkpoint, no download),
     or 'tiny' (ByteTokenizer, plain). template_from: take the chat template from there instead."""
-    import moe
+    import hf
 
     if model == "tiny":
-        tokenizer, path = moe.ByteTokenizer(), None
+        tokenizer, path = hf.ByteTokenizer(), None
     else:
-        path = moe.find_checkpoint(model, download=False)
+        path = hf.find_checkpoint(model, download=False)
         with open(os.path.join(path, "config.json")) as f:
-            cfg = moe.MoEConfig.from_hf(json.load(f), source=os.path.join(path, "config.json"))
-        tokenizer = moe.load_tokenizer(path, cfg)
+            cfg = hf.config_from_hf(json.load(f), source=os.path.join(path, "config.json"))
+        tokenizer = hf.load_tokenizer(path, cfg)
     template, special = read_template(path) if path else (None, {})
     if template_from:
         template, _ = read_template(template_from)
         if template is None:
             raise ValueError(f"--chat_template {template_from}: no chat template there")
-    if template is not None and isinstance(tokenizer, moe.ByteTokenizer):
+    if template is not None and isinstance(tokenizer, hf.ByteTokenizer):
         raise ValueError("the byte tokenizer has no special tokens for a chat template: use the plain format")
     return tokenizer, ChatFormat(tokenizer, template, special)

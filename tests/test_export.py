@@ -10,7 +10,7 @@ import torch
 
 import drlora
 from tools import export
-import moe
+import hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,16 +23,16 @@ def make_base(path, model_type: str, fused: bool) -> str:
     common = dict(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=64, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
     if model_type == "olmoe":
-        hf = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**common, num_experts=4, num_experts_per_tok=2,
+        ref = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**common, num_experts=4, num_experts_per_tok=2,
                                                                     intermediate_size=16))
     else:  # a shared expert, and layer 1 dense
-        hf = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        ref = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
             **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
             intermediate_size=40, mlp_only_layers=[1]))
     with torch.no_grad():  # transformers inits norms to 1 and some weights to 0: perturb everything
-        for p in hf.parameters():
+        for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(path, save_original_format=not fused)
+    ref.save_pretrained(path, save_original_format=not fused)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(48)}, unk_token="w2"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(os.path.join(path, "tokenizer.json"))
@@ -72,17 +72,17 @@ def logits(model, idx, mask):
 @pytest.mark.parametrize("model_type, fused", [("olmoe", False), ("olmoe", True), ("qwen2_moe", False)])
 def test_merged_export_loads_in_transformers_with_our_adapted_logits(tmp_path, model_type, fused):
     base = make_base(tmp_path / "base", model_type, fused)
-    model, cfg = with_adapter(moe.from_pretrained(base))
+    model, cfg = with_adapter(hf.from_pretrained(base))
     idx, mask = batch()
     ours = logits(model, idx, mask)
-    base_logits = logits(moe.from_pretrained(base), idx, mask)
+    base_logits = logits(hf.from_pretrained(base), idx, mask)
     assert (ours - base_logits).abs().max() > 1e-2  # the adapter does something worth exporting
     drlora.save_adapter(model, str(tmp_path / "adapter.safetensors"), cfg)
 
     out = export.export(model, base, str(tmp_path / "merged"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     real = mask.bool()
-    assert (hf(input_ids=idx, attention_mask=mask).logits.detach() - ours)[real].abs().max() <= 1e-4
+    assert (ref(input_ids=idx, attention_mask=mask).logits.detach() - ours)[real].abs().max() <= 1e-4
     assert export.source_is_fused(out) == fused  # the layout the base used
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(base, name), "rb").read()
@@ -93,9 +93,9 @@ def test_merged_export_loads_in_transformers_with_our_adapted_logits(tmp_path, m
 
 def test_adapter_file_reapplied_to_the_base_gives_identical_logits(tmp_path):
     base = make_base(tmp_path / "base", "olmoe", fused=False)
-    model, cfg = with_adapter(moe.from_pretrained(base))
+    model, cfg = with_adapter(hf.from_pretrained(base))
     drlora.save_adapter(model, str(tmp_path / "adapter.safetensors"), cfg)
-    again = moe.from_pretrained(base)
+    again = hf.from_pretrained(base)
     assert drlora.load_adapter(again, str(tmp_path / "adapter.safetensors")) == cfg
     idx, mask = batch()
     assert torch.equal(logits(again.eval(), idx, mask), logits(model, idx, mask))
@@ -103,15 +103,15 @@ def test_adapter_file_reapplied_to_the_base_gives_identical_logits(tmp_path):
 
 def test_command_line_export_and_its_refusals(tmp_path, capsys):
     base = make_base(tmp_path / "base", "olmoe", fused=True)
-    model, cfg = with_adapter(moe.from_pretrained(base))
+    model, cfg = with_adapter(hf.from_pretrained(base))
     idx, mask = batch()
     ours = logits(model, idx, mask)
     adapter = str(tmp_path / "adapter.safetensors")
     drlora.save_adapter(model, adapter, cfg)
     out = export.main(["--base", base, "--adapter", adapter, "--out", str(tmp_path / "merged")])
     assert "fused experts, float32" in capsys.readouterr().out
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert (hf(input_ids=idx, attention_mask=mask).logits.detach() - ours)[mask.bool()].abs().max() <= 1e-4
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert (ref(input_ids=idx, attention_mask=mask).logits.detach() - ours)[mask.bool()].abs().max() <= 1e-4
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok("w5 w7")["input_ids"] == [5, 7]
     with pytest.raises(FileExistsError, match="not empty"):
@@ -120,5 +120,5 @@ def test_command_line_export_and_its_refusals(tmp_path, capsys):
     out16 = export.main(["--base", base, "--adapter", adapter, "--out", str(tmp_path / "m16"), "--dtype", "bfloat16",
                          "--fused", "false"])
     assert json.load(open(os.path.join(out16, "config.json")))["dtype"] == "bfloat16" and not export.source_is_fused(out16)
-    m16 = moe.from_pretrained(out16, dtype=torch.bfloat16)
+    m16 = hf.from_pretrained(out16, dtype=torch.bfloat16)
     assert m16.lm_head.weight.dtype == torch.bfloat16

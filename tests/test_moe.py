@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hf
+
 import moe
 
 transformers = pytest.importorskip("transformers")
@@ -55,13 +57,13 @@ def batch_with_padding():
     return idx, mask
 
 
-def hf_router_ids(hf, idx, mask):
+def hf_router_ids(ref, idx, mask):
     """Top-k expert ids per MoE layer from transformers' own router modules (forward hooks)."""
     ids = []
-    hooks = [m.register_forward_hook(lambda m, i, o: ids.append(o[2])) for n, m in hf.named_modules()
+    hooks = [m.register_forward_hook(lambda m, i, o: ids.append(o[2])) for n, m in ref.named_modules()
              if n.endswith("mlp.gate") and hasattr(m, "top_k")]
     with torch.no_grad():
-        logits = hf(input_ids=idx, attention_mask=mask).logits
+        logits = ref(input_ids=idx, attention_mask=mask).logits
     for h in hooks:
         h.remove()
     return logits, ids
@@ -70,13 +72,13 @@ def hf_router_ids(hf, idx, mask):
 @pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_logits_and_routing_match_transformers(tmp_path, model_type, fused):
-    hf = hf_tiny(model_type)
-    hf.save_pretrained(tmp_path, save_original_format=not fused)
+    ref = hf_tiny(model_type)
+    ref.save_pretrained(tmp_path, save_original_format=not fused)
     keys = json.dumps(sorted(__import__("safetensors").safe_open(str(tmp_path / "model.safetensors"), "pt").keys()))
     assert ("gate_up_proj" in keys) == fused  # the layout we meant to test is the one on disk
-    ours = moe.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ours = hf.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     idx, mask = batch_with_padding()
-    ref_logits, ref_ids = hf_router_ids(hf, idx, mask)
+    ref_logits, ref_ids = hf_router_ids(ref, idx, mask)
     with torch.no_grad():
         out = ours(idx, attention_mask=mask)
     real = mask.bool()
@@ -115,7 +117,7 @@ def test_model_loss_is_cross_entropy_of_its_logits(tmp_path):
     """With targets, forward returns the loss of the logits it would return without them
     (which it no longer materialises), and the same gradients, with or without grad mode."""
     hf_tiny("olmoe").save_pretrained(tmp_path)
-    model = moe.from_pretrained(str(tmp_path)).train()
+    model = hf.from_pretrained(str(tmp_path)).train()
     idx, mask = batch_with_padding()
     y = idx.roll(-1, 1).masked_fill(mask == 0, moe.IGNORE_INDEX)
     y[:, :4] = moe.IGNORE_INDEX  # a prompt
@@ -133,9 +135,9 @@ def test_model_loss_is_cross_entropy_of_its_logits(tmp_path):
 
 
 def test_generate_with_cache_matches_full_recompute(tmp_path):
-    hf = hf_tiny("olmoe", seed=3)
-    hf.save_pretrained(tmp_path)
-    model = moe.from_pretrained(str(tmp_path)).eval()
+    ref = hf_tiny("olmoe", seed=3)
+    ref.save_pretrained(tmp_path)
+    model = hf.from_pretrained(str(tmp_path)).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     got = model.generate(prompts, max_new_tokens=8, pad_id=0)
     for p, g in zip(prompts, got):  # greedy, one prompt at a time, whole prefix every token
@@ -145,14 +147,14 @@ def test_generate_with_cache_matches_full_recompute(tmp_path):
                 seq.append(model(torch.tensor([seq])).logits[0, -1].argmax().item())
         assert g == seq[len(p):]
     # and transformers' own greedy decoding agrees on the first prompt
-    ref = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref = ref.generate(torch.tensor([prompts[0]]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert ref[0, 5:].tolist() == got[0]
 
 
 def test_generate_stops_at_eos_and_samples_reproducibly(tmp_path):
-    hf = hf_tiny("olmoe", seed=4)
-    hf.save_pretrained(tmp_path)
-    model = moe.from_pretrained(str(tmp_path)).eval()
+    ref = hf_tiny("olmoe", seed=4)
+    ref.save_pretrained(tmp_path)
+    model = hf.from_pretrained(str(tmp_path)).eval()
     greedy = model.generate([[5, 6, 7]], max_new_tokens=6, pad_id=0)[0]
     eos = greedy[2]  # pretend the third greedy token is eos: output must stop before it
     assert model.generate([[5, 6, 7]], max_new_tokens=6, pad_id=0, eos_id=eos)[0] == greedy[: greedy.index(eos)]
@@ -168,23 +170,23 @@ def test_save_pretrained_round_trip_and_transformers_loads_it(tmp_path):
     model.init_weights(seed=0)
     idx, mask = batch_with_padding()
     for fused in (False, True):
-        moe.save_pretrained(model, tmp_path / str(fused), fused=fused)
-        again = moe.from_pretrained(str(tmp_path / str(fused)))
+        hf.save_pretrained(model, tmp_path / str(fused), fused=fused)
+        again = hf.from_pretrained(str(tmp_path / str(fused)))
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "False").eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "False").eval()
     with torch.no_grad():
-        diff = (hf(input_ids=idx, attention_mask=mask).logits - model(idx, attention_mask=mask).logits)[mask.bool()]
+        diff = (ref(input_ids=idx, attention_mask=mask).logits - model(idx, attention_mask=mask).logits)[mask.bool()]
     assert diff.abs().max().item() <= 1e-4
 
 
 def test_sharded_checkpoint_loads(tmp_path):
-    hf = hf_tiny("olmoe")
-    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    ref = hf_tiny("olmoe")
+    ref.save_pretrained(tmp_path, max_shard_size="100KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
-    model = moe.from_pretrained(str(tmp_path))
+    model = hf.from_pretrained(str(tmp_path))
     idx, mask = batch_with_padding()
     with torch.no_grad():
-        diff = (model(idx, attention_mask=mask).logits - hf(input_ids=idx, attention_mask=mask).logits)[mask.bool()]
+        diff = (model(idx, attention_mask=mask).logits - ref(input_ids=idx, attention_mask=mask).logits)[mask.bool()]
     assert diff.abs().max().item() <= 1e-4
 
 
@@ -208,19 +210,19 @@ def rewrite(path, edit):
 def test_missing_tensor_is_named(saved):
     rewrite(saved, lambda sd: sd.pop("model.layers.1.mlp.experts.5.up_proj.weight"))
     with pytest.raises(ValueError, match=r"missing: \['layers.1.mlp.experts.up_proj \(experts \[5\]\)'\]"):
-        moe.from_pretrained(str(saved))
+        hf.from_pretrained(str(saved))
 
 
 def test_extra_tensor_is_named(saved):
     rewrite(saved, lambda sd: sd.update({"model.layers.0.mlp.surprise": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"unexpected: \['model.layers.0.mlp.surprise'\]"):
-        moe.from_pretrained(str(saved))
+        hf.from_pretrained(str(saved))
 
 
 def test_wrong_shape_is_named(saved):
     rewrite(saved, lambda sd: sd.update({"model.norm.weight": torch.ones(63)}))
     with pytest.raises(ValueError, match=r"model.norm.weight: checkpoint \(63,\) vs model \(64,\)"):
-        moe.from_pretrained(str(saved))
+        hf.from_pretrained(str(saved))
 
 
 def test_unknown_model_type(saved):
@@ -228,13 +230,13 @@ def test_unknown_model_type(saved):
     cfg["model_type"] = "llama"
     (saved / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="config.json: unknown model_type 'llama'"):
-        moe.from_pretrained(str(saved))
+        hf.from_pretrained(str(saved))
 
 
 def test_missing_config(saved):
     os.remove(saved / "config.json")
     with pytest.raises(FileNotFoundError, match="config.json does not exist"):
-        moe.from_pretrained(str(saved))
+        hf.from_pretrained(str(saved))
 
 
 def test_truncated_safetensors(saved):
@@ -242,20 +244,20 @@ def test_truncated_safetensors(saved):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors: cannot read"):
-        moe.from_pretrained(str(saved))
+        hf.from_pretrained(str(saved))
 
 
 def test_find_checkpoint_looks_in_the_hf_cache_then_explains(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     with pytest.raises(FileNotFoundError, match="allenai/OLMoE-1B-7B-0924.*hub/models--allenai--OLMoE-1B-7B-0924"):
-        moe.find_checkpoint("olmoe", download=False)
+        hf.find_checkpoint("olmoe", download=False)
     snap = tmp_path / "hf" / "hub" / "models--allenai--OLMoE-1B-7B-0924" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
-    assert moe.find_checkpoint("olmoe", download=False) == str(snap)
+    assert hf.find_checkpoint("olmoe", download=False) == str(snap)
     with pytest.raises(ValueError, match="unknown model 'gpt5'"):
-        moe.find_checkpoint("gpt5")
+        hf.find_checkpoint("gpt5")
 
 
 def test_tokenizer_json_is_used(tmp_path):
@@ -265,6 +267,6 @@ def test_tokenizer_json_is_used(tmp_path):
     tok = tokenizers.Tokenizer(models.WordLevel({"hello": 2, "world": 3, "[UNK]": 4}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    t = moe.load_tokenizer(str(tmp_path), moe.MoEConfig(pad_id=0, eos_id=1))
+    t = hf.load_tokenizer(str(tmp_path), moe.MoEConfig(pad_id=0, eos_id=1))
     assert t.encode("hello world") == [2, 3] and t.decode([2, 3]) == "hello world" and t.pad_id == 0
-    assert isinstance(moe.load_tokenizer(str(tmp_path), moe.MoEConfig(tokenizer="byte")), moe.ByteTokenizer)
+    assert isinstance(hf.load_tokenizer(str(tmp_path), moe.MoEConfig(tokenizer="byte")), hf.ByteTokenizer)

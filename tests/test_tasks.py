@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import evals
+import hf
 import moe
 from data import common
 from tasks import chat, code_eval, gsm8k, humaneval, ledgar, medmcqa, prepare as tasks, tulu, wmt
@@ -103,8 +104,8 @@ def test_chat_template_ids_and_mask_exact(tmp_path, template, bos, prompt, answe
     assert ids.tolist() == prompt + answer
     assert mask.tolist() == [False] * len(prompt) + [True] * len(answer)
     assert m["format"].startswith("chat_template sha256:") and m["metric"] == "exact_match"
-    cfg = moe.MoEConfig.from_hf(json.load(open(tmp_path / "ckpt" / "config.json")))
-    assert m["tokenizer"] == moe.load_tokenizer(model, cfg).name  # what train.py checks
+    cfg = hf.config_from_hf(json.load(open(tmp_path / "ckpt" / "config.json")))
+    assert m["tokenizer"] == hf.load_tokenizer(model, cfg).name  # what train.py checks
 
 
 def test_qwen_chat_model_whose_eos_is_im_end_gets_no_second_eos(tmp_path):
@@ -349,7 +350,7 @@ class Scripted(torch.nn.Module):
 
 def test_exact_match_on_gsm8k_answers(tmp_path):
     m, out = prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST)
-    test_set, tok = common.load_sft(out / "test.npz"), moe.ByteTokenizer()
+    test_set, tok = common.load_sft(out / "test.npz"), hf.ByteTokenizer()
     model = Scripted(tok, ["2+2 is 4. The answer is: 4", "The answer is 1000.00"])
     r, shown = evals.evaluate_task(model, tok, out, test_set, examples=1)
     assert r == {"metric": "accuracy", "score": 1.0} and shown[0][2]
@@ -398,7 +399,7 @@ def test_multiple_choice_accuracy_on_a_prepared_task(tmp_path):
     rows = [{"question": f"Q{i}?", "opa": "alpha", "opb": "b", "opc": "gamma ray", "opd": "d", "cop": i % 4} for i in range(4)]
     m, out = prepare(medmcqa, tmp_path, "tiny", rows, rows)
     model, test_set = tiny_model(2), common.load_sft(out / "test.npz")
-    r, _ = evals.evaluate_task(model, moe.ByteTokenizer(), out, test_set)
+    r, _ = evals.evaluate_task(model, hf.ByteTokenizer(), out, test_set)
     expect, expect_norm = 0, 0
     for i, c in enumerate(evals.load_jsonl(out / "test_choices.jsonl")):
         prompt = evals.split_sample(*test_set[i])[0]
@@ -432,7 +433,7 @@ def test_programs_have_no_network():
 
 def test_humaneval_pass_at_1_through_evaluate(tmp_path):
     m, out = prepare(humaneval, tmp_path, "tiny", [{"instruction": "i", "output": "o"}] * 3, PROBLEMS)
-    tok = moe.ByteTokenizer()
+    tok = hf.ByteTokenizer()
     whole_function = PROBLEMS[2]["prompt"] + PROBLEMS[2]["canonical_solution"]
     model = Scripted(tok, [PROBLEMS[0]["canonical_solution"], "    return False\n", whole_function])
     r, shown = evals.evaluate_task(model, tok, out, common.load_sft(out / "test.npz"), examples=3)

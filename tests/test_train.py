@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import hf
+
 import moe
 import train
 from data import arithmetic, common
@@ -19,12 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    tok = moe.ByteTokenizer()
+    tok = hf.ByteTokenizer()
     cfg = moe.MoEConfig(vocab_size=tok.vocab_size, hidden_size=32, n_layer=2, n_head=2, n_kv_head=2, n_experts=4, top_k=2,
                         intermediate_size=32, max_seq_len=96, pad_id=tok.pad_id, eos_id=tok.eos_id, tokenizer="byte")
     model = moe.MoETransformer(cfg)
     model.init_weights(seed=0)
-    moe.save_pretrained(model, tmp / "base")
+    hf.save_pretrained(model, tmp / "base")
     arithmetic.prepare(out_dir=tmp / "task", sizes={"train": 200, "val": 16, "test": 16}, seed=0)
     return tmp
 
@@ -91,13 +93,13 @@ def test_lora_init_does_not_depend_on_what_ran_before(setup, tmp_path, monkeypat
     """train.py seeds right before DR-LoRA's init: random numbers drawn while the base is
     made or loaded (the tiny base is pretrained inside the first run) change nothing."""
     plain = train.main(args(setup, tmp_path / "plain", "--steps", "6"))
-    load = moe.from_pretrained
+    load = hf.from_pretrained
 
     def load_and_draw(*a, **kw):  # as pretraining the tiny base would: it draws from the global generator
         torch.rand(1000)
         return load(*a, **kw)
 
-    monkeypatch.setattr(moe, "from_pretrained", load_and_draw)
+    monkeypatch.setattr(hf, "from_pretrained", load_and_draw)
     drawn = train.main(args(setup, tmp_path / "drawn", "--steps", "6"))
     a = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=False)["trainable"]
     b = torch.load(tmp_path / "drawn" / "ckpt.pt", weights_only=False)["trainable"]

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import drlora  # noqa: E402
+import hf  # noqa: E402
 import moe  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def reference_available() -> str | None:
             tiny = moe.MoETransformer(moe.MoEConfig(vocab_size=64, hidden_size=32, n_head=2, n_kv_head=2, n_layer=1,
                                                     intermediate_size=16, max_seq_len=16))
             tiny.init_weights(seed=0)
-            moe.save_pretrained(tiny, d)
+            hf.save_pretrained(tiny, d)
             Reference(d, "eager")
     except Exception as e:  # an older or newer PEFT that cannot adapt fused experts
         return (f"PEFT {peft.__version__} / transformers {transformers.__version__} cannot put LoRA on fused experts "
@@ -441,7 +442,7 @@ def warm_up_libraries(name: str):
         else:
             m = moe.MoETransformer(tiny)
             m.init_weights(seed=0)
-            moe.save_pretrained(m, d)
+            hf.save_pretrained(m, d)
             run = Reference(d, spec[1])
         x = torch.randint(0, 64, (2, 9))
         run.step(x[:, :-1], x[:, 1:])
@@ -654,7 +655,7 @@ def main():
             ckpt = os.path.join(tmp, "tiny-olmoe")
             base = moe.MoETransformer(tiny_olmoe())
             base.init_weights(seed=0)  # the weights every "ours" runner draws
-            moe.save_pretrained(base, ckpt)
+            hf.save_pretrained(base, ckpt)
             del base
             names += [n for n, s in CONFIGS.items() if s[0] == "ref" and (n in QUICK or not args.quick)]
             print(f"reference: transformers {transformers.__version__}, PEFT {peft.__version__}, "

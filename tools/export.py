@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import drlora  # noqa: E402
+import hf  # noqa: E402
 import moe  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -68,7 +69,7 @@ def export(model, base_dir: str, out_dir: str, fused: bool | None = None, dtype:
     for stale in ("model.safetensors.index.json",):  # sharded weights from an earlier export would be read first
         if os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))
-    moe.save_pretrained(model, out_dir, fused=fused)
+    hf.save_pretrained(model, out_dir, fused=fused)
     # config.json: say which dtype the weights are in (transformers loads dtype="auto" by it)
     config_file = os.path.join(out_dir, "config.json")
     with open(config_file) as f:
@@ -102,8 +103,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights written (auto: the base's)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that holds files")
     args = p.parse_args(argv)
-    path = moe.find_checkpoint(args.base)
-    model = moe.from_pretrained(path, dtype=torch.float32)
+    path = hf.find_checkpoint(args.base)
+    model = hf.from_pretrained(path, dtype=torch.float32)
     cfg = drlora.load_adapter(model, args.adapter)
     ranks = [blk.experts.lora.ranks.sum().item() for blk in model.moe_layers()]
     dtype = source_dtype(model.cfg) if args.dtype == "auto" else DTYPES[args.dtype]
