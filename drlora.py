@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import moe
+
 
 @dataclass
 class DRLoRAConfig:
@@ -110,47 +112,50 @@ def allocate(S, ranks, quota: int, cap: int, r_max: int):
 
 
 class ExpertLoRA(nn.Module):
-    """LoRA for the E experts of one MoE layer. A_p (E, r_max, d_in), B_p (E, d_out, r_max)."""
+    """LoRA for the E experts of one MoE layer: A[p] (E, r_max, d_in), B[p] (E, d_out, r_max) for each
+    adapted projection p. moe.Experts calls it with a projection's input rows, sorted by expert."""
 
     def __init__(self, experts, cfg: DRLoRAConfig):
         super().__init__()
-        self.cfg = cfg
-        E = experts.up_proj.shape[0]
+        self.cfg, self.targets = cfg, cfg.targets
+        E, device = experts.up_proj.shape[0], experts.up_proj.device
+        self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
         for p in cfg.targets:
             d_out, d_in = getattr(experts, p).shape[1:]
             bound = 1 / math.sqrt(d_in)  # kaiming_uniform(a=sqrt(5)) of an (r, d_in) nn.Linear weight
-            A = torch.empty(E, cfg.r_max, d_in, device=experts.up_proj.device).uniform_(-bound, bound)
-            self.register_parameter("A_" + p, nn.Parameter(A))
-            self.register_parameter("B_" + p, nn.Parameter(torch.zeros(E, d_out, cfg.r_max, device=A.device)))
-        self.register_buffer("ranks", torch.full((E,), cfg.r_init, dtype=torch.long, device=experts.up_proj.device))
-        self.r = self.ranks.tolist()  # python mirror, so slicing needs no device sync
+            self.A[p] = nn.Parameter(torch.empty(E, cfg.r_max, d_in, device=device).uniform_(-bound, bound))
+            self.B[p] = nn.Parameter(torch.zeros(E, d_out, cfg.r_max, device=device))
+        self.register_buffer("ranks", torch.full((E,), cfg.r_init, dtype=torch.long, device=device))
+        self.r = self.ranks.tolist()  # the same ranks as python ints: slicing by them needs no device sync
         self.drop = nn.Dropout(cfg.dropout)
 
     def set_ranks(self, ranks):
         self.ranks.copy_(ranks)
         self.r = self.ranks.tolist()
 
-    def forward(self):
-        """Called once per MoE forward: returns the function that adds expert e's LoRA.
-        unbind() splits A and B over experts in one autograd node; slicing A[e] per expert
-        would make backward write a full-size zero tensor for every expert."""
-        A = {p: getattr(self, "A_" + p).unbind(0) for p in self.cfg.targets}
-        B = {p: getattr(self, "B_" + p).unbind(0) for p in self.cfg.targets}
-
-        def add_lora(name, e, x, y):
-            r = self.r[e]
-            if name not in A or r == 0:
-                return y
-            # (n, d_in) @ (d_in, r) @ (r, d_out): only the active prefix of slots
-            return y + self.cfg.scale * F.linear(F.linear(self.drop(x), A[name][e][:r]), B[name][e][:, :r])
-
-        return add_lora
+    def forward(self, p: str, x, groups):
+        """s * B[e][:, :r_e] @ A[e][:r_e] @ dropout(x) for each row x of expert e: (n, d_in) -> (n, d_out)."""
+        A, B, x = self.A[p], self.B[p], self.drop(x)
+        # grouped: every expert at the layer's largest active rank R (rounded up so that grouped_mm's rows
+        # stay 16-byte aligned), the slots beyond its own rank masked to exactly zero, and so given
+        # exactly zero gradient
+        R = min(-(-max(self.r) // (16 // x.element_size())) * (16 // x.element_size()), self.cfg.r_max)
+        if groups.offs is not None and moe.aligned(x, R):
+            h = F.grouped_mm(x, A[:, :R].transpose(-2, -1).to(x.dtype), offs=groups.offs)  # (n, R)
+            h = h * (torch.arange(R, device=x.device) < self.ranks[groups.ids, None])
+            return self.cfg.scale * F.grouped_mm(h, B[:, :, :R].transpose(-2, -1).to(x.dtype), offs=groups.offs)
+        # the loop: each expert computes only its active prefix of slots
+        counts = groups.counts or torch.bincount(groups.ids, minlength=len(self.r)).tolist()
+        As, Bs = A.unbind(0), B.unbind(0)  # one autograd node each, as in moe.expert_matmul
+        ys = [F.linear(F.linear(xe, As[e][:r]), Bs[e][:, :r])
+              for e, (xe, r) in enumerate(zip(x.split(counts), self.r)) if len(xe)]
+        return self.cfg.scale * torch.cat(ys)
 
     @torch.no_grad()
     def merge_into(self, experts):
         """W_p[e] += s * B[e][:, :r] @ A[e][:r], in W's dtype."""
         for p in self.cfg.targets:
-            W, A, B = getattr(experts, p), getattr(self, "A_" + p), getattr(self, "B_" + p)
+            W, A, B = getattr(experts, p), self.A[p], self.B[p]
             for e, r in enumerate(self.r):
                 W[e] += (self.cfg.scale * B[e][:, :r].float() @ A[e][:r].float()).to(W.dtype)
 
@@ -240,7 +245,7 @@ class DRLoRA:
         for l, blk in enumerate(self.blocks):
             lora = blk.experts.lora
             for p in self.cfg.targets:
-                A, B = getattr(lora, "A_" + p), getattr(lora, "B_" + p)
+                A, B = lora.A[p], lora.B[p]
                 if A.grad is None or B.grad is None:  # no token reached the layer's adapters: importance 0
                     s = torch.zeros_like(self.g[p][l])
                 else:
@@ -341,7 +346,7 @@ def save_adapter(model, path: str, cfg: DRLoRAConfig):
         if not cfg.freeze_router:
             tensors[f"layers.{l}.router"] = blk.gate.weight.detach().cpu().contiguous()
         for p in cfg.targets:
-            A, B = getattr(lora, "A_" + p), getattr(lora, "B_" + p)
+            A, B = lora.A[p], lora.B[p]
             tensors[f"layers.{l}.{p}.A"] = torch.cat([A[e, :r] for e, r in enumerate(lora.r)]).detach().cpu().contiguous()
             tensors[f"layers.{l}.{p}.B"] = torch.cat([B[e, :, :r] for e, r in enumerate(lora.r)], 1).detach().cpu().contiguous()
     save_file(tensors, path + ".tmp", metadata={"drlora": json.dumps(asdict(cfg))})
@@ -368,7 +373,7 @@ def load_adapter(model, path: str) -> DRLoRAConfig:
                 if f"layers.{l}.router" in f.keys():
                     blk.gate.weight.copy_(f.get_tensor(f"layers.{l}.router"))
                 for p in cfg.targets:
-                    A, B = getattr(lora, "A_" + p), getattr(lora, "B_" + p)
+                    A, B = lora.A[p], lora.B[p]
                     A.zero_()
                     A_act, B_act = f.get_tensor(f"layers.{l}.{p}.A"), f.get_tensor(f"layers.{l}.{p}.B")
                     start = 0

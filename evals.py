@@ -7,12 +7,10 @@ metric and evaluate_task() computes it:
 - exact_match (GSM8K, arithmetic): greedy decoding through moe.py's KV cache, then the final number
   of output and reference (extract_number: the first '#### N', else the last 'The answer is N';
   "1,234", "-3", "$18.50", "7.0" read as exact rationals) compared for equality.
-- multiple_choice (MedMCQA, LEDGAR): the log-likelihood of each option's answer tokens after the
-  prompt, batched; accuracy by the sum (the usual "acc") and by the mean per token ("acc_norm").
-- humaneval: pass@1 of greedy completions, by code_eval.py, which RUNS THE MODEL'S CODE.
-- generate_responses: IFEval's {prompt, response} file, to score with IFEval's own code.
+- anything else (multiple choice, HumanEval's pass@1, the held-out test loss of the real tasks): the
+  module the manifest names as "evaluator" (tasks/metrics.py), imported by name.
 """
-import json
+import importlib
 import os
 
 import torch
@@ -88,98 +86,6 @@ def exact_match(model, tokenizer, dataset, n: int | None = None, batch_size: int
     return correct / max(n, 1), shown
 
 
-# --- multiple choice
-
-
-@torch.no_grad()
-def option_logprobs(model, prompts: list[list[int]], options: list[list[list[int]]], batch_size: int = 16,
-                    autocast=None) -> list[list[tuple[float, int]]]:
-    """(sum of log p(option token | everything before it), number of option tokens) for every option
-    of every prompt. One right-padded row per (prompt, option); a row longer than the model's
-    positions loses the start of its prompt, never its option."""
-    was_training = model.training
-    model.eval()
-    device, limit = model.lm_head.weight.device, model.cfg.max_seq_len
-    rows = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
-    out = [[None] * len(opts) for opts in options]
-    for k in range(0, len(rows), batch_size):
-        chunk = rows[k:k + batch_size]
-        seqs = [(prompts[i] + options[i][j])[-limit - 1:] for i, j in chunk]
-        T = max(len(s) for s in seqs) - 1
-        x = torch.zeros(len(chunk), T, dtype=torch.long)
-        y = torch.full((len(chunk), T), common.IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros(len(chunk), T, dtype=torch.long)
-        for b, ((i, j), s) in enumerate(zip(chunk, seqs)):
-            n_opt = len(options[i][j])
-            x[b, :len(s) - 1] = torch.tensor(s[:-1])
-            mask[b, :len(s) - 1] = 1
-            y[b, len(s) - 1 - n_opt:len(s) - 1] = torch.tensor(s[-n_opt:])  # targets: the option's tokens only
-        x, y, mask = x.to(device), y.to(device), mask.to(device)
-        with autocast or torch.autocast("cpu", enabled=False):
-            logits = model(x, attention_mask=mask).logits
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]  # (B, T)
-        sums, counts = (logp * (y != common.IGNORE_INDEX)).sum(1).tolist(), (y != common.IGNORE_INDEX).sum(1).tolist()
-        for (i, j), s, c in zip(chunk, sums, counts):
-            out[i][j] = (s, c)
-    model.train(was_training)
-    return out
-
-
-def load_jsonl(path) -> list[dict]:
-    """A task's side file (test_choices.jsonl, ...): bad lines raise with the file and line number."""
-    return list(common.read_jsonl(path))
-
-
-def multiple_choice(model, dataset, choices: list[dict], n: int | None = None, batch_size: int = 16, autocast=None) -> dict:
-    """Accuracy over the first n test samples; choices[i] = {"choices": [answer ids, ...], "label": k}
-    (test_choices.jsonl). Ties go to the lower option."""
-    n = len(dataset) if n is None else min(n, len(dataset))
-    if len(choices) != len(dataset):
-        raise ValueError(f"{len(choices)} choice sets for {len(dataset)} test samples: remake the task's data")
-    prompts = []
-    for i in range(n):
-        prompt, answer = split_sample(*dataset[i])
-        if choices[i]["choices"][choices[i]["label"]] != answer:
-            raise ValueError(f"test sample {i}: its answer is not its labelled choice: remake the task's data")
-        prompts.append(prompt)
-    scores = option_logprobs(model, prompts, [c["choices"] for c in choices[:n]], batch_size, autocast)
-    best = lambda values: max(range(len(values)), key=lambda j: (values[j], -j))  # noqa: E731
-    acc = sum(best([s for s, _ in sc]) == c["label"] for sc, c in zip(scores, choices))
-    acc_norm = sum(best([s / t for s, t in sc]) == c["label"] for sc, c in zip(scores, choices))
-    return {"accuracy": acc / max(n, 1), "accuracy_norm": acc_norm / max(n, 1), "n": n}
-
-
-# --- HumanEval and IFEval
-
-
-def humaneval(model, tokenizer, dataset, problems: list[dict], n: int | None = None, max_new_tokens: int = 512,
-              batch_size: int = 16, autocast=None, timeout: float = 10.0, examples: int = 0):
-    """pass@1 of greedy completions of the first n problems (test_problems.jsonl, in test.npz's order).
-    RUNS MODEL-WRITTEN CODE: see code_eval.py. Returns (pass@1, [(task_id, completion, passed)])."""
-    from tasks import code_eval
-
-    n = len(dataset) if n is None else min(n, len(dataset))
-    if len(problems) != len(dataset):
-        raise ValueError(f"{len(problems)} problems for {len(dataset)} test samples: remake the task's data")
-    prompts = [split_sample(*dataset[i])[0] for i in range(n)]
-    completions = greedy(model, tokenizer, prompts, max_new_tokens, batch_size, autocast)
-    results = code_eval.check(problems[:n], completions, timeout)
-    shown = [(p["task_id"], c, r == "passed") for p, c, r in zip(problems, completions, results)][:examples]
-    return sum(r == "passed" for r in results) / max(n, 1), shown
-
-
-def generate_responses(model, tokenizer, prompts_file, out_file, max_new_tokens: int = 1024, batch_size: int = 16,
-                       autocast=None) -> int:
-    """Greedy responses to test_prompts.jsonl (IFEval), written as the {prompt, response} lines that
-    IFEval's scorer reads (--input_response_data). Returns how many."""
-    rows = load_jsonl(prompts_file)
-    texts = greedy(model, tokenizer, [r["prompt_ids"] for r in rows], max_new_tokens, batch_size, autocast)
-    with open(out_file, "w") as f:
-        for r, t in zip(rows, texts):
-            f.write(json.dumps({"prompt": r["prompt"], "response": t}, ensure_ascii=False) + "\n")
-    return len(rows)
-
-
 # --- the task's own metric
 
 
@@ -188,21 +94,27 @@ EXTRACTORS = {"sorting": sorting.extract_answer}  # generated tasks whose answer
 
 def evaluate_task(model, tokenizer, folder, test_set, n: int | None = None, max_new_tokens: int = 24, autocast=None,
                   examples: int = 0) -> tuple[dict, list]:
-    """The metric the task's manifest names (exact match when it names none, as the generated tasks):
-    ({"metric": name, "score": headline number or nan, ...details}, [(prompt or task id, output, ok)])."""
-    metric = test_set.manifest.get("metric", "exact_match")
+    """The metric the task's manifest names: ({"metric": name, "score": headline number, "higher_is_better":
+    bool, ...details}, [(prompt or task id, output, ok)]). Exact match when it names none (the generated
+    tasks); any other metric is computed by the module the manifest names as its "evaluator"
+    (tasks.metrics for the real tasks), imported by name: the core never imports the harness."""
+    manifest = test_set.manifest
+    metric = manifest.get("metric", "exact_match")
     if metric == "exact_match":
         extract = EXTRACTORS.get(os.path.basename(os.path.normpath(folder)), extract_number)
         acc, shown = exact_match(model, tokenizer, test_set, n, max_new_tokens=max_new_tokens, autocast=autocast,
                                  examples=examples, extract=extract)
-        return {"metric": "accuracy", "score": acc}, shown
-    if metric == "multiple_choice":
-        r = multiple_choice(model, test_set, load_jsonl(os.path.join(folder, "test_choices.jsonl")), n, autocast=autocast)
-        return {"metric": "accuracy", "score": r["accuracy"], "accuracy_norm": r["accuracy_norm"]}, []
-    if metric == "humaneval":
-        problems = load_jsonl(os.path.join(folder, "test_problems.jsonl"))
-        score, shown = humaneval(model, tokenizer, test_set, problems, n, max_new_tokens, autocast=autocast, examples=examples)
-        return {"metric": "pass@1", "score": score}, shown
-    if metric == "none":
-        return {"metric": "none", "score": float("nan")}, []
-    raise ValueError(f"{folder}/manifest.json: unknown metric {metric!r}")
+        return {"metric": "accuracy", "score": acc, "higher_is_better": True}, shown
+    path = os.path.join(folder, "manifest.json")
+    evaluator = manifest.get("evaluator")
+    if not isinstance(evaluator, str) or not evaluator:
+        raise ValueError(f"{path}: metric {metric!r} but no 'evaluator' module to compute it (made by an older "
+                         f"version); remake the folder with the task's prepare script: `{common.maker(path)}`")
+    try:
+        module = importlib.import_module(evaluator)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (evaluator + ".").startswith(e.name + "."):
+            raise  # the evaluator exists but lacks one of its own dependencies: that error says which
+        raise ValueError(f"{path}: evaluator {evaluator!r} cannot be imported ({e})") from e
+    return module.evaluate(metric, model, tokenizer, folder, test_set, n, max_new_tokens=max_new_tokens,
+                           autocast=autocast, examples=examples)

@@ -1,8 +1,8 @@
 """
-A self-contained Mixture-of-Experts transformer that loads published Hugging Face
-checkpoints and computes what transformers computes (checked to 1e-4 in fp32 by
-test_moe.py). One file, read top to bottom: norm, rotary, attention, experts,
-router and MoE block, block, config, model, loading, generation, tokenizers.
+A self-contained Mixture-of-Experts transformer that computes what transformers
+computes for published checkpoints (checked to 1e-4 in fp32 by tests/test_moe.py;
+hf.py loads and saves them). One file, read top to bottom: norm, rotary, attention,
+experts, router and MoE block, loss, block, config, model, generation.
 
 Architectures (picked by config.json's `model_type`):
 - olmoe      OLMoE-1B-7B: QK-norm over the whole q/k projection, softmax router,
@@ -16,19 +16,22 @@ Architectures (picked by config.json's `model_type`):
 Notable choices:
 - Experts are stored stacked, one (E, out, in) tensor per projection, so that
   DR-LoRA can address "expert e, projection p" directly. Dispatch sorts the
-  (token, slot) copies by expert and runs each expert once on its contiguous
-  slice: cost grows with tokens x top-k, not tokens x experts.
+  (token, slot) copies by expert; one grouped matmul (F.grouped_mm) then runs
+  every expert on its contiguous slice, or, as the readable reference with the
+  same numbers, a loop over experts: cost grows with tokens x top-k, not
+  tokens x experts, and on a GPU the kernel count does not grow with E.
 - The router's outputs (logits, top-k ids, gate weights) are returned by every
   forward (`Output.routers`), never stashed in a global: DR-LoRA reads them each step.
-- Experts have one hook, `Experts.lora`: if set, it is called once per MoE forward
-  and returns a function `(name, e, x, y) -> y + adapter's addition` for projection
-  `name` of expert `e`. moe.py knows nothing else about adapters (drlora.py owns them).
+- Experts have one hook, `Experts.lora`: a module that, given a projection's input
+  rows and how they split over experts, returns what the adapter adds to its output
+  (drlora.py owns adapters; moe.py knows nothing else about them).
 - Given targets, forward returns the loss and no logits: HeadLoss takes the
   cross-entropy a chunk of rows at a time and never holds (N, vocab) logits.
 
 Shapes: B batch, T time, H hidden, N = B*T tokens, E experts, K top-k,
 I expert width, nh/nkv heads, hd head dim, S keys (past + T).
 """
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -148,33 +151,65 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Groups(NamedTuple):
+    """How the rows of a sorted (N*K, .) tensor split over experts: rows of expert 0 first, then 1, ..."""
+    ids: torch.Tensor  # (N*K,) the expert of each row, ascending
+    counts: list[int] | None  # rows per expert, for the loop (None on the grouped path: no device sync)
+    offs: torch.Tensor | None  # (E,) int32 cumulative counts, for grouped_mm (None on the loop path)
+
+
+def expert_matmul(x, W, groups: Groups):
+    """Each row of x times the weight of its expert: x (n, in), W (E, out, in) -> (n, out).
+    grouped_mm does every expert in one call; the loop (one F.linear per expert) is the
+    readable reference and gives the same numbers."""
+    if groups.offs is not None:
+        return F.grouped_mm(x, W.transpose(-2, -1).to(x.dtype), offs=groups.offs)
+    Ws = W.unbind(0)  # one autograd node; W[e] per expert would write a full-size zero gradient each
+    return torch.cat([F.linear(xe, Ws[e]) for e, xe in enumerate(x.split(groups.counts)) if len(xe)])
+
+
 class Experts(nn.Module):
     """E SwiGLU experts, each projection stacked over experts: gate/up (E, I, H), down (E, H, I)."""
 
     PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+    grouped = hasattr(F, "grouped_mm")  # all experts in one call; set False for the per-expert loop
 
     def __init__(self, E: int, H: int, I: int):
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(E, I, H))
         self.up_proj = nn.Parameter(torch.empty(E, I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
-        self.lora = None  # the adapter hook (drlora.ExpertLoRA), see forward() and linear()
+        # The adapter hook: a module called as lora(name, x, groups) that returns what it adds to
+        # projection `name` (drlora.ExpertLoRA). moe.py knows nothing else about adapters.
+        self.lora = None
 
-    def linear(self, name: str, e: int, x, lora=None):
-        y = F.linear(x, getattr(self, name)[e])
-        return y if lora is None else lora(name, e, x, y)
+    def proj(self, name: str, x, groups: Groups):
+        y = expert_matmul(x, getattr(self, name), groups)
+        if self.lora is not None and name in self.lora.targets:
+            y = y + self.lora(name, x, groups)
+        return y
 
-    def forward(self, x, counts: list[int]):
-        """x (N*K, H): token copies grouped by expert, counts[e] rows for expert e."""
-        # the adapter, if any, returns a function adding expert e's LoRA to projection `name`
-        lora = self.lora() if self.lora is not None else None
-        out = []
-        for e, xe in enumerate(x.split(counts)):
-            if xe.shape[0] == 0:
-                continue
-            h = F.silu(self.linear("gate_proj", e, xe, lora)) * self.linear("up_proj", e, xe, lora)  # (n_e, I)
-            out.append(self.linear("down_proj", e, h, lora))  # (n_e, H)
-        return torch.cat(out)
+    def forward(self, x, ids):
+        """x (N*K, H): token copies sorted by expert; ids (N*K,) their experts, ascending."""
+        counts = torch.bincount(ids, minlength=self.up_proj.shape[0])
+        if Experts.grouped and aligned(x, *self.up_proj.shape[1:]):
+            try:
+                return self.swiglu(x, Groups(ids, None, counts.cumsum(0).to(torch.int32)))
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, NotImplementedError) as e:  # a dtype or device grouped_mm does not support
+                Experts.grouped = False
+                warnings.warn(f"moe: grouped_mm failed ({str(e).splitlines()[0]}); experts run as a loop from now on")
+        return self.swiglu(x, Groups(ids, counts.tolist(), None))
+
+    def swiglu(self, x, groups: Groups):
+        h = F.silu(self.proj("gate_proj", x, groups)) * self.proj("up_proj", x, groups)  # (N*K, I)
+        return self.proj("down_proj", h, groups)  # (N*K, H)
+
+
+def aligned(x, *widths) -> bool:
+    """grouped_mm needs every row to start on a 16-byte boundary: widths a multiple of 16 / element size."""
+    return all(w % (16 // x.element_size()) == 0 for w in widths)
 
 
 class RouterOut(NamedTuple):
@@ -195,9 +230,9 @@ class MoE(nn.Module):
 
     def forward(self, x):
         B, T, H = x.shape
-        E, K = self.cfg.n_experts, self.cfg.top_k
+        K = self.cfg.top_k
         x = x.reshape(B * T, H)  # (N, H)
-        logits = self.gate(x)  # (N, E)
+        logits = self.gate(x.to(self.gate.weight.dtype))  # (N, E); the router may be kept in fp32 for training
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # softmax over all experts, then top-k
         weights, ids = probs.topk(K, dim=-1)  # (N, K)
         if self.cfg.norm_topk_prob:
@@ -206,11 +241,9 @@ class MoE(nn.Module):
         # dispatch: sort the N*K (token, slot) copies by expert, run each expert on its slice
         flat_ids = ids.view(-1)  # (N*K,)
         order = flat_ids.argsort(stable=True)  # copies of expert 0 first, then expert 1, ...
-        counts = torch.bincount(flat_ids, minlength=E).tolist()
         token = order // K  # the token each sorted copy came from
         # index_select rather than x[token]: the same gather, but its backward is a plain index_add
-        # (bench.py: fine-tune step 1.07-1.13x faster on CPU)
-        y = self.experts(x.index_select(0, token), counts)  # (N*K, H)
+        y = self.experts(x.index_select(0, token), flat_ids[order])  # (N*K, H)
         y = y * weights.view(-1)[order, None]
         out = torch.zeros_like(x).index_add_(0, token, y)  # combine: sum of the K weighted outputs
         if self.cfg.shared_expert_size:

@@ -92,7 +92,7 @@ def test_rank_importance_product_of_l1_norms_and_ema():
     m = tiny(n_layer=1, n_experts=3, hidden_size=4, intermediate_size=2)
     d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=1, r_target=2, r_max=3, dT=10), total_steps=100)
     lora = m.moe_layers()[0].experts.lora
-    Au, Bu, Ad, Bd = lora.A_up_proj, lora.B_up_proj, lora.A_down_proj, lora.B_down_proj
+    Au, Bu, Ad, Bd = lora.A["up_proj"], lora.B["up_proj"], lora.A["down_proj"], lora.B["down_proj"]
     with torch.no_grad():
         for P in (Au, Bu, Ad, Bd):
             P.zero_()
@@ -253,13 +253,13 @@ def test_grow_event_through_step_with_hand_statistics():
     d.observe([router([[0, 1], [2, 3]], [[0.5, 0.5], [0.5, 0.5]], 4)])
     # gradients by hand, up_proj slot 0 only: expert 3 s = 4 * 3 = 12, expert 1 s = 1 * 2 = 2
     with torch.no_grad():
-        for P in (lora.A_up_proj, lora.B_up_proj, lora.A_down_proj, lora.B_down_proj):
+        for P in (lora.A["up_proj"], lora.B["up_proj"], lora.A["down_proj"], lora.B["down_proj"]):
             P.zero_()
             P.grad = torch.zeros_like(P)
-        lora.A_up_proj[3, 0, 0], lora.A_up_proj.grad[3, 0, 0] = 2.0, 2.0  # 4
-        lora.B_up_proj[3, 0, 0], lora.B_up_proj.grad[3, 0, 0] = 1.0, 3.0  # 3
-        lora.A_up_proj[1, 0, 0], lora.A_up_proj.grad[1, 0, 0] = 1.0, 1.0  # 1
-        lora.B_up_proj[1, 0, 0], lora.B_up_proj.grad[1, 0, 0] = 1.0, 2.0  # 2
+        lora.A["up_proj"][3, 0, 0], lora.A["up_proj"].grad[3, 0, 0] = 2.0, 2.0  # 4
+        lora.B["up_proj"][3, 0, 0], lora.B["up_proj"].grad[3, 0, 0] = 1.0, 3.0  # 3
+        lora.A["up_proj"][1, 0, 0], lora.A["up_proj"].grad[1, 0, 0] = 1.0, 1.0  # 1
+        lora.B["up_proj"][1, 0, 0], lora.B["up_proj"].grad[1, 0, 0] = 1.0, 2.0  # 2
     event = d.step(3)  # step 3's statistics count in step 3's event
     # g per expert: (0.1 * s + 0) / 2 projections: e3 0.6, e1 0.1, e0 = e2 = 0. g_hat: 6/7, 1/7, 0, 0; f_hat 1/4 each
     # S = f_hat * g_hat / 2^1.2: e3 > e1 > e0 = e2 = 0 -> e3 takes the whole quota of 2 (cap 2)
@@ -271,7 +271,7 @@ def test_grow_event_through_step_with_hand_statistics():
     torch.testing.assert_close(d.f, torch.full((1, 4), 0.025))  # f kept
     # the last event, no new statistics: S = 0 everywhere, ties -> lower index first;
     # quota min(Q = 2, 4 * 2 - 6 = 2) = 2 -> e0 takes 2 (cap 2)
-    for P in (lora.A_up_proj, lora.B_up_proj):
+    for P in (lora.A["up_proj"], lora.B["up_proj"]):
         P.grad = None
     assert d.step(43)["ranks"] == [[3, 1, 1, 3]]
     assert d.ranks.sum() == 4 * 2  # N * r_target
@@ -382,7 +382,7 @@ def test_init_A_kaiming_B_zero():
     drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=2, r_target=4, r_max=8, dT=5), total_steps=40)
     lora = m.moe_layers()[0].experts.lora
     for p, d_in in (("up_proj", 32), ("down_proj", 16)):
-        A, B = getattr(lora, "A_" + p), getattr(lora, "B_" + p)
+        A, B = lora.A[p], lora.B[p]
         assert B.abs().sum() == 0
         bound = 1 / math.sqrt(d_in)  # kaiming_uniform(a=sqrt(5)): gain sqrt(2 / 6), bound = sqrt(3) gain / sqrt(d_in)
         assert A.abs().max() <= bound and A.abs().max() > 0.9 * bound
@@ -413,7 +413,7 @@ def test_growth_keeps_output_and_inactive_slots_untouched():
         for lora in loras:
             for n, P in lora.named_parameters():
                 for e, r in enumerate(lora.r):
-                    inactive = P.grad[e, r:] if n.startswith("A_") else P.grad[e, :, r:]
+                    inactive = P.grad[e, r:] if n.startswith("A.") else P.grad[e, :, r:]
                     assert inactive.numel() > 0 and (inactive == 0).all(), (t, n, e)
                     checked["grads"] += 1
         if t in d.events:  # the event runs inside step(t): logits just before it
@@ -421,11 +421,11 @@ def test_growth_keeps_output_and_inactive_slots_untouched():
 
     def on_event(t):  # right after the event, before opt.step(): new slots (A random, B = 0) change nothing
         checked["grew"] += int((d.ranks > seen["ranks"]).any())
-        assert sum(lora.B_up_proj.abs().sum() for lora in loras) > 0  # trained, so the check means something
+        assert sum(lora.B["up_proj"].abs().sum() for lora in loras) > 0  # trained, so the check means something
         for l, (lora, P0) in enumerate(zip(loras, init)):
             for e, (old, new) in enumerate(zip(seen["ranks"][l].tolist(), lora.r)):
-                assert torch.equal(lora.A_up_proj[e, old:new], P0["A_up_proj"][e, old:new])  # the init's random rows
-                assert (lora.B_up_proj[e, :, old:new] == 0).all()
+                assert torch.equal(lora.A["up_proj"][e, old:new], P0["A.up_proj"][e, old:new])  # the init's random rows
+                assert (lora.B["up_proj"][e, :, old:new] == 0).all()
         after = logits()
         # Not bit-identical: the slice A[:r] grows by a row, so the matmul sums r + 1 terms (the new one exactly
         # 0) and may group the old ones differently; that moves logits by ~1e-8. A real bug (new B columns not
@@ -438,7 +438,7 @@ def test_growth_keeps_output_and_inactive_slots_untouched():
         for lora, P0 in zip(loras, init):
             for n, P in lora.named_parameters():
                 for e, r in enumerate(lora.r):
-                    now, then = (P[e, r:], P0[n][e, r:]) if n.startswith("A_") else (P[e, :, r:], P0[n][e, :, r:])
+                    now, then = (P[e, r:], P0[n][e, r:]) if n.startswith("A.") else (P[e, :, r:], P0[n][e, :, r:])
                     assert torch.equal(now, then), (t, n, e)
 
     train(m, d, opt, range(40), on_backward=on_backward, on_event=on_event, on_step=on_step)
@@ -455,7 +455,7 @@ def test_dropout_on_lora_path_only():
         base = tiny()(x, attention_mask=mask).logits
         assert torch.equal(m(x, attention_mask=mask).logits, base)  # training mode, B = 0: W x is never dropped
         for blk in m.moe_layers():
-            blk.experts.lora.B_up_proj.normal_()
+            blk.experts.lora.B["up_proj"].normal_()
         one, two = m(x, attention_mask=mask).logits, m(x, attention_mask=mask).logits
         assert not torch.equal(one, two)  # training: a new dropout mask on the LoRA path each time
         m.eval()
@@ -498,9 +498,9 @@ def test_lora_method_matches_naive_per_expert_lora():
         acc = torch.zeros(8)
         for k in range(2):
             e = int(ids[k])
-            u = Wu[e] @ xn + s * leaf["B_up_proj"][e][:, :r] @ (leaf["A_up_proj"][e][:r] @ xn)
+            u = Wu[e] @ xn + s * leaf["B.up_proj"][e][:, :r] @ (leaf["A.up_proj"][e][:r] @ xn)
             h = F.silu(Wg[e] @ xn) * u
-            y = Wd[e] @ h + s * leaf["B_down_proj"][e][:, :r] @ (leaf["A_down_proj"][e][:r] @ h)
+            y = Wd[e] @ h + s * leaf["B.down_proj"][e][:, :r] @ (leaf["A.down_proj"][e][:r] @ h)
             acc = acc + w[k] * y
         rows.append(acc)
     naive = torch.stack(rows)[None]

@@ -34,12 +34,25 @@ DATA_DIR = Path(__file__).resolve().parent
 
 
 def maker(path: Path) -> str:
-    """The command that makes a prepared file: data/NAME/x.npz comes from `python data/NAME.py`."""
-    name = Path(path).parent.name
-    for folder in ("data", "tasks"):  # embedded tasks in data/, the real ones in tasks/
-        if (DATA_DIR.parent / folder / f"{name}.py").exists():
-            return f"python {folder}/{name}.py"
-    return "a prepare script (data/*.py or tasks/*.py)"
+    """The command that makes a prepared file: the one its folder's manifest.json records ("made_by",
+    written by the prepare scripts of tasks/), else `python data/NAME.py` or `python tasks/NAME.py
+    --model MODEL` for a folder named NAME, else a description. Never raises: it only words errors."""
+    folder = Path(path).parent
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        made_by, model = manifest.get("made_by"), manifest.get("model")
+    except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object: no record to use
+        made_by = model = None
+    if isinstance(made_by, str) and made_by:
+        return made_by
+    name = folder.name
+    if (DATA_DIR.parent / "data" / f"{name}.py").exists():  # the embedded tasks write data/NAME/ only
+        return f"python data/{name}.py"
+    if (DATA_DIR.parent / "tasks" / f"{name}.py").exists():  # the real ones take the model and --out
+        elsewhere = folder.resolve() != (DATA_DIR / name).resolve()
+        return (f"python tasks/{name}.py --model {model if isinstance(model, str) else 'MODEL'}"
+                + (f" --out {folder}" if elsewhere else ""))
+    return "the prepare script that made it (data/*.py or tasks/*.py)"
 
 
 def _existing(path, hint: str | None = None) -> Path:
