@@ -19,9 +19,11 @@ holds N * r_target ranks (what uniform LoRA of rank r_target holds):
 - g: rank importance, an EMA of |dL/dA * A|_1 * |dL/dB * B|_1 per slot, averaged over
   the expert's active slots and its projections; reset after each growth event.
 """
+import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -182,11 +184,13 @@ class DRLoRA:
             p.requires_grad_(False)
         for blk in self.blocks:
             blk.experts.lora = ExpertLoRA(blk.experts, cfg)
-        # The router is trained after warm-up: it needs a gradient (and a place in the
-        # optimizer) from the start; step() drops its gradient while it is frozen.
+        # The router is trained after warm-up: it needs a gradient (and a place in the optimizer)
+        # from the start; step() drops its gradient while it is frozen. It is kept in fp32 even over
+        # a bf16 base: an update of lr 2e-5 is under half a bf16 ulp of a weight of 0.02.
         for blk in self.blocks:
-            blk.gate.weight.requires_grad_(not cfg.freeze_router)
-        device = self.blocks[0].gate.weight.device
+            if not cfg.freeze_router:
+                blk.gate.float().requires_grad_(True)
+        device = self.blocks[0].experts.up_proj.device
         self.f = torch.zeros(L, E, device=device)  # routing frequency EMA, never reset
         self.g = {p: torch.zeros(L, E, cfg.r_max, device=device) for p in cfg.targets}  # per-slot importance EMA
         self._weight_sum = torch.zeros(L, E, device=device)  # this step's routing, summed over micro-batches
@@ -198,7 +202,7 @@ class DRLoRA:
         return [p for blk in self.blocks for p in blk.experts.lora.parameters()]
 
     def router_parameters(self):
-        return [blk.gate.weight for blk in self.blocks if blk.gate.weight.requires_grad]
+        return [p for blk in self.blocks for p in blk.gate.parameters() if p.requires_grad]
 
     def trainable_parameters(self):
         return self.lora_parameters() + self.router_parameters()
@@ -268,7 +272,10 @@ class DRLoRA:
         g = self.expert_importance()
         g_hat = g / (g.sum(-1, keepdim=True) + eps)
         score = {"fg": f_hat * g_hat, "f": f_hat, "g": g_hat}[self.cfg.saliency]
-        return score / (self.ranks + 1).float() ** self.cfg.gamma
+        # (r + 1)^gamma from a table of python floats: a vectorised pow can differ by an ulp between
+        # positions of one tensor, and equal experts must get bit-equal scores (ties go to the lower index)
+        penalty = torch.tensor([(r + 1) ** self.cfg.gamma for r in range(self.cfg.r_max + 1)], device=self.f.device)
+        return score / penalty[self.ranks]
 
     # -- the step ------------------------------------------------------------
     def step(self, t: int):
@@ -286,12 +293,16 @@ class DRLoRA:
         cfg, S, ranks = self.cfg, self.saliency(), self.ranks
         L, E = ranks.shape
         target = E * cfg.r_target
+        # The last event gives whatever is still missing, past the per-event cap if it must: experts
+        # full at r_max can leave earlier events short, and every layer must end at exactly E * r_target.
+        last = t == self.events[-1]
+        quota, cap = (E * cfg.r_max, cfg.r_max) if last else (self.quota, self.cap)
         if cfg.allocation == "layer":
-            new = torch.stack([allocate(S[l], ranks[l], min(self.quota, target - int(ranks[l].sum())), self.cap, cfg.r_max)
+            new = torch.stack([allocate(S[l], ranks[l], min(quota, target - int(ranks[l].sum())), cap, cfg.r_max)
                                for l in range(L)])
         else:  # one pool: the quotas and targets of all layers together, experts compared across layers
             left = L * target - int(ranks.sum())
-            new = allocate(S.flatten(), ranks.flatten(), min(L * self.quota, left), self.cap, cfg.r_max).view(L, E)
+            new = allocate(S.flatten(), ranks.flatten(), min(L * quota, left), cap, cfg.r_max).view(L, E)
         for l, blk in enumerate(self.blocks):
             blk.experts.lora.set_ranks(new[l])
         for p in cfg.targets:  # g restarts after every event; f is kept
@@ -333,10 +344,19 @@ def merge(model):
     return model
 
 
+def base_identity(model) -> dict:
+    """What an adapter must be applied to: the architecture, and a fingerprint of the frozen embedding,
+    so that a same-shaped other model (another family, or another fine-tune of the same) is refused."""
+    arch = {k: v for k, v in asdict(model.cfg).items() if k != "hf"}
+    rows = model.embed_tokens.weight[:8].detach().to("cpu", torch.bfloat16)  # a checkpoint's bf16 bits
+    return {"arch": json.loads(json.dumps(arch)), "embed_sha256": hashlib.sha256(rows.view(torch.int16).numpy()).hexdigest()}
+
+
 def save_adapter(model, path: str, cfg: DRLoRAConfig):
     """safetensors with only the active slots: per layer and projection, the experts' A rows
     stacked (sum r, d_in) and B columns (d_out, sum r); plus the ranks, the router (trained
-    after warm-up unless freeze_router: without it the base's router comes back) and the settings."""
+    after warm-up unless freeze_router: without it the base's router comes back), the settings
+    and the base's identity."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -344,12 +364,14 @@ def save_adapter(model, path: str, cfg: DRLoRAConfig):
         lora = blk.experts.lora
         tensors[f"layers.{l}.ranks"] = lora.ranks.cpu()
         if not cfg.freeze_router:
-            tensors[f"layers.{l}.router"] = blk.gate.weight.detach().cpu().contiguous()
+            for name, t in blk.gate.state_dict().items():
+                tensors[f"layers.{l}.router.{name}"] = t.cpu().contiguous()
         for p in cfg.targets:
             A, B = lora.A[p], lora.B[p]
             tensors[f"layers.{l}.{p}.A"] = torch.cat([A[e, :r] for e, r in enumerate(lora.r)]).detach().cpu().contiguous()
             tensors[f"layers.{l}.{p}.B"] = torch.cat([B[e, :, :r] for e, r in enumerate(lora.r)], 1).detach().cpu().contiguous()
-    save_file(tensors, path + ".tmp", metadata={"drlora": json.dumps(asdict(cfg))})
+    meta = {"drlora": json.dumps(asdict(cfg)), "base": json.dumps(base_identity(model))}
+    save_file(tensors, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
 
 
@@ -357,21 +379,36 @@ def load_adapter(model, path: str) -> DRLoRAConfig:
     """Attach the adapter saved by save_adapter to a fresh base model (inactive slots zero)."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
+    try:
+        f = safe_open(path, framework="pt")
+    except Exception as e:  # not there, or not a safetensors file (a ckpt.pt, say)
+        raise ValueError(f"{path}: cannot read it as a drlora adapter (safetensors): {e}") from e
+    with f:
         meta = f.metadata()
         if not meta or "drlora" not in meta:
             raise ValueError(f"{path}: not a drlora adapter (no 'drlora' settings in its metadata)")
+        if "base" not in meta:
+            warnings.warn(f"{path} does not record its base model (written by an older drlora): it cannot be checked")
+        else:
+            saved, here = json.loads(meta["base"]), base_identity(model)
+            if saved != here:
+                diff = {k: (saved["arch"].get(k), v) for k, v in here["arch"].items() if saved["arch"].get(k) != v}
+                what = f"settings that differ (adapter's base, this model): {diff}" if diff else \
+                    f"the same settings but other weights (embedding fingerprint {saved['embed_sha256'][:12]} " \
+                    f"vs {here['embed_sha256'][:12]})"
+                raise ValueError(f"{path} was trained on another base model than this one: {what}")
         cfg = DRLoRAConfig(**json.loads(meta["drlora"]))
-        blocks = model.moe_layers()
-        n_layers = len({k.split(".")[1] for k in f.keys()})
-        if n_layers != len(blocks):
-            raise ValueError(f"{path}: adapter has {n_layers} MoE layers, the model {len(blocks)}")
+        blocks, keys = model.moe_layers(), set(f.keys())
         for l, blk in enumerate(blocks):
             lora = ExpertLoRA(blk.experts, cfg)
             lora.set_ranks(f.get_tensor(f"layers.{l}.ranks"))
+            router = {name: f"layers.{l}.router.{name}" for name in blk.gate.state_dict()}
+            if f"layers.{l}.router" in keys:  # written before the router was a module: its one weight
+                router = {"weight": f"layers.{l}.router"}
             with torch.no_grad():
-                if f"layers.{l}.router" in f.keys():
-                    blk.gate.weight.copy_(f.get_tensor(f"layers.{l}.router"))
+                for name, key in router.items():
+                    if key in keys:
+                        blk.gate.get_parameter(name).copy_(f.get_tensor(key))
                 for p in cfg.targets:
                     A, B = lora.A[p], lora.B[p]
                     A.zero_()

@@ -575,10 +575,10 @@ def test_merge_and_adapter_round_trip(tmp_path):
             assert tuple(f.get_tensor(f"layers.{l}.down_proj.A").shape) == (total, 16)
             assert tuple(f.get_tensor(f"layers.{l}.down_proj.B").shape) == (32, total)
             # the router trained after warm-up (t_warm 1) is part of the fine-tune: without it the base's comes back
-            assert torch.equal(f.get_tensor(f"layers.{l}.router"), m.moe_layers()[l].gate.weight)
-            assert not torch.equal(f.get_tensor(f"layers.{l}.router"), tiny().moe_layers()[l].gate.weight)
+            assert torch.equal(f.get_tensor(f"layers.{l}.router.weight"), m.moe_layers()[l].gate.weight)
+            assert not torch.equal(f.get_tensor(f"layers.{l}.router.weight"), tiny().moe_layers()[l].gate.weight)
     assert keys == {f"layers.{l}.{k}" for l in range(2) for k in
-                    ("ranks", "router", "up_proj.A", "up_proj.B", "down_proj.A", "down_proj.B")}
+                    ("ranks", "router.weight", "up_proj.A", "up_proj.B", "down_proj.A", "down_proj.B")}
 
     fresh = tiny()  # the same base model, no adapter
     fresh.eval()
