@@ -19,10 +19,10 @@ holds N * r_target ranks (what uniform LoRA of rank r_target holds):
 - g: rank importance, an EMA of |dL/dA * A|_1 * |dL/dB * B|_1 per slot, averaged over
   the expert's active slots and its projections; reset after each growth event.
 """
+import contextlib
 import hashlib
 import json
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hf
 import moe
 
 
@@ -142,7 +143,7 @@ class ExpertLoRA(nn.Module):
         # stay 16-byte aligned), the slots beyond its own rank masked to exactly zero, and so given
         # exactly zero gradient
         R = min(-(-max(self.r) // (16 // x.element_size())) * (16 // x.element_size()), self.cfg.r_max)
-        if groups.offs is not None and moe.aligned(x, R):
+        if groups.offs is not None and moe.aligned(x, R, self.cfg.r_max):  # r_max: the row stride of B
             h = F.grouped_mm(x, A[:, :R].transpose(-2, -1).to(x.dtype), offs=groups.offs)  # (n, R)
             h = h * (torch.arange(R, device=x.device) < self.ranks[groups.ids, None])
             return self.cfg.scale * F.grouped_mm(h, B[:, :, :R].transpose(-2, -1).to(x.dtype), offs=groups.offs)
@@ -168,7 +169,7 @@ class ExpertLoRA(nn.Module):
 
 class DRLoRA:
     """Adds ExpertLoRA to every MoE layer of a moe.MoETransformer, freezes the rest, keeps
-    f and g, and grows ranks. Per optimizer step t:
+    f and g, and grows ranks. Per optimizer step t (train_step below):
 
         for each micro-batch: out = model(...); drl.observe(out.routers, attention_mask); backward
         event = drl.step(t)      # after backward, before optimizer.step()
@@ -332,6 +333,39 @@ class DRLoRA:
 
 
 # -----------------------------------------------------------------------------
+# one optimizer step: the order DR-LoRA needs, written once for train.py, the notebook and the tests
+
+
+def train_step(model, drl: DRLoRA, optimizer, micro_batches, t: int, grad_clip: float = 0.0, autocast=None):
+    """Optimizer step t over micro_batches [(x, targets, attention_mask), ...]:
+
+        for each micro-batch: forward, drl.observe(routing), backward(loss / n)
+        drl.step(t)        statistics from this step's gradients, router freeze, growth
+        clip, optimizer.step(), zero_grad
+
+    model may be wrapped in DistributedDataParallel: gradients are then synchronised on the last
+    micro-batch only. Returns (mean loss of this process's micro-batches, growth event or None)."""
+    n, loss = len(micro_batches), 0.0
+    for i, (x, y, mask) in enumerate(micro_batches):
+        if hasattr(model, "require_backward_grad_sync"):  # DDP: the all-reduce runs in the last backward
+            model.require_backward_grad_sync = i == n - 1
+        with autocast or contextlib.nullcontext():
+            out = model(x, targets=y, attention_mask=mask)
+        drl.observe(out.routers, mask)
+        (out.loss / n).backward()
+        loss = loss + out.loss.detach() / n
+    event = drl.step(t)
+    # the norm of the synchronised gradients is the same on every process, so all of them stop together
+    norm = torch.nn.utils.clip_grad_norm_(drl.trainable_parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"step {t}: loss is {float(loss):.4g}, gradient norm {norm.item()}; stopping "
+                                 "before the update (the last checkpoint on disk is kept); lower --lr")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, event
+
+
+# -----------------------------------------------------------------------------
 # merge, and the adapter file
 
 
@@ -357,8 +391,6 @@ def save_adapter(model, path: str, cfg: DRLoRAConfig):
     stacked (sum r, d_in) and B columns (d_out, sum r); plus the ranks, the router (trained
     after warm-up unless freeze_router: without it the base's router comes back), the settings
     and the base's identity."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for l, blk in enumerate(model.moe_layers()):
         lora = blk.experts.lora
@@ -371,8 +403,7 @@ def save_adapter(model, path: str, cfg: DRLoRAConfig):
             tensors[f"layers.{l}.{p}.A"] = torch.cat([A[e, :r] for e, r in enumerate(lora.r)]).detach().cpu().contiguous()
             tensors[f"layers.{l}.{p}.B"] = torch.cat([B[e, :, :r] for e, r in enumerate(lora.r)], 1).detach().cpu().contiguous()
     meta = {"drlora": json.dumps(asdict(cfg)), "base": json.dumps(base_identity(model))}
-    save_file(tensors, path + ".tmp", metadata=meta)
-    os.replace(path + ".tmp", path)
+    hf.write_safetensors(tensors, path, meta)  # atomic, and readable by others (safetensors alone writes 0600)
 
 
 def load_adapter(model, path: str) -> DRLoRAConfig:

@@ -1,7 +1,8 @@
 """
 Hugging Face checkpoints and tokenizers for moe.py: config.json to MoEConfig and back, safetensors
-loading (strict: every key named when something does not match) and saving, finding a named model
-in the local cache or on the Hub, and the tokenizers. moe.py is the model; this file is its I/O.
+(or pytorch_model*.bin) loading (strict: every key named when something does not match) and saving,
+finding a named model in the local cache or on the Hub, and the tokenizers. moe.py is the model; this
+file is its I/O.
 
 Tokenizers: the tiny model's bytes (ByteTokenizer), or a checkpoint's own tokenizer.json through
 the `tokenizers` library, which reproduces OLMoE's NFC normaliser and added whitespace tokens
@@ -24,8 +25,9 @@ from moe import MoEConfig, MoETransformer
 def config_from_hf(d: dict, source: str = "config.json") -> MoEConfig:
     """Read a transformers config.json (both the 4.x and 5.x spellings)."""
     mt = d.get("model_type")
-    if mt not in ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral"):
-        raise ValueError(f"{source}: unknown model_type {mt!r}; moe.py supports olmoe, qwen2_moe, qwen3_moe, mixtral")
+    if mt not in ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "llama_moe"):
+        raise ValueError(f"{source}: unknown model_type {mt!r}; moe.py supports olmoe, qwen2_moe, qwen3_moe, mixtral, "
+                         f"llama_moe")
     rope = d.get("rope_parameters") or {}
     theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
     if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
@@ -56,12 +58,54 @@ def config_from_hf(d: dict, source: str = "config.json") -> MoEConfig:
             c.update(qk_norm="head", qkv_bias=bias, o_bias=bias)
         if d.get("use_sliding_window"):
             raise ValueError(f"{source}: sliding-window attention is not supported")
-    else:  # mixtral
+    elif mt == "mixtral":
         c.update(n_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"], intermediate_size=d["intermediate_size"],
                  norm_topk_prob=True, qk_norm="none")
         if d.get("sliding_window"):
             raise ValueError(f"{source}: sliding-window attention is not supported")
+    else:  # llama_moe
+        c.update(_llama_moe(d, source))
     return MoEConfig(**c)
+
+
+def _llama_moe(d: dict, source: str) -> dict:
+    """LLaMA-MoE (remote code: pjlab-sys4nlp/llama-moe, modeling_llama_moe_hf.py as of commit 3577be8): LLaMA-2
+    attention, each layer's MLP split into equal experts, a gate network picking the top num_selects; the
+    chosen experts' outputs are weighted by softmax(top-k logits) (or the raw logits) times score_scale_factor.
+    Refuses, naming the field, the variants its code offers that moe.py does not compute."""
+    def refuse(key, why):
+        raise ValueError(f"{source}: {key}={d.get(key)!r} is not supported for llama_moe: {why}")
+
+    if d.get("gate_type", "TopKBalancedNoisyGate") != "TopKBalancedNoisyGate":  # older configs name the gate/calculator
+        refuse("gate_type", "only TopKBalancedNoisyGate, the published models' gate")
+    if d.get("calculator_type", "UniversalCalculator") != "UniversalCalculator":
+        refuse("calculator_type", "only UniversalCalculator (every token reaches its top-k experts, none dropped)")
+    gate = str(d.get("gate_network", "mlp")).lower()  # upstream lower-cases it too
+    if gate not in ("mlp", "linear"):
+        refuse("gate_network", "only mlp (Linear -> tanh -> Linear) or linear")
+    if not d.get("multiply_gate_scores", True):
+        refuse("multiply_gate_scores", "the expert outputs must be weighted by the gate scores")
+    if d.get("add_weight_norm"):
+        refuse("add_weight_norm", "no weight norm on the expert outputs")
+    if d.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "the experts are SwiGLU (silu)")
+    if d.get("attention_bias"):
+        refuse("attention_bias", "the published code builds q/k/v/o without biases whatever this says")
+    if float(d.get("rope_theta", 10000.0)) != 10000.0:
+        refuse("rope_theta", "the published code ignores it and always rotates with base 10000")
+    E, I, sizes = d["num_experts"], d["intermediate_size"], d.get("size_experts")
+    if sizes and len({w for layer in sizes for w in layer}) != 1:
+        refuse("size_experts", "experts of one width in every layer (moe.py stacks them)")
+    if not sizes and I % E:
+        refuse("intermediate_size", f"it must split into {E} experts of one width (num_experts)")
+    width = sizes[0][0] if sizes else I // E
+    scale = d.get("score_scale_factor", 1.0)
+    scales = set(scale) if isinstance(scale, list) else {scale}  # upstream allows one per layer
+    if len(scales) != 1:
+        refuse("score_scale_factor", "one value for every layer")
+    return dict(n_experts=E, top_k=d["num_selects"], intermediate_size=width, qk_norm="none", router=gate,
+                router_softmax=bool(d.get("gate_use_softmax", True)), norm_topk_prob=True,  # softmax over the top-k
+                expert_scale=float(scales.pop()), router_noise=bool(d.get("gate_add_noise", True)))
 
 def config_to_hf(cfg: MoEConfig) -> dict:
     """config.json for export. A loaded checkpoint returns its own; the tiny model gets an OLMoE config."""
@@ -95,28 +139,61 @@ def _hf_to_ours(key: str, cfg: MoEConfig):
         I = cfg.intermediate_size
         return [(f"layers.{m[1]}.mlp.experts.gate_proj", None, slice(0, I)),
                 (f"layers.{m[1]}.mlp.experts.up_proj", None, slice(I, 2 * I))]
+    m = re.fullmatch(r"layers\.(\d+)\.mlp\.calculator\.experts\.weight_(gate|up|down)\.(\d+)", k)
+    if m:  # LLaMA-MoE: one tensor per projection and expert, (I, H) or (H, I) as ours
+        return [(f"layers.{m[1]}.mlp.experts.{m[2]}_proj", int(m[3]), None)]
+    if k.endswith(".rotary_emb.inv_freq"):  # a buffer some checkpoints carry (LLaMA-MoE's): rope_theta's, not a weight
+        return []
+    k = k.replace(".mlp.gate.gate_network.", ".mlp.gate.")  # LLaMA-MoE's router: gate_network.{0,2}.weight or .weight
+    k = k.replace(".mlp.gate.weight_noise.weight", ".mlp.gate_noise")  # its noise weights, kept for export
     return [(k, None, None)]
 
 
 def _checkpoint_files(path: str) -> list[str]:
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, s) for s in shards]
-        missing = [f for f in files if not os.path.exists(f)]
-        if missing:
-            raise FileNotFoundError(f"{index} names shards that are not there: {missing}")
-        return files
-    if os.path.exists(single):
-        return [single]
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    """The weight files: safetensors if there are any, else pytorch_model*.bin (LLaMA-MoE publishes only those)."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        single, index = os.path.join(path, single), os.path.join(path, index)
+        if os.path.exists(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(path, s) for s in shards]
+            missing = [f for f in files if not os.path.exists(f)]
+            if missing:
+                raise FileNotFoundError(f"{index} names shards that are not there: {missing}")
+            return files
+        if os.path.exists(single):
+            return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+                            f"pytorch_model.bin.index.json")
+
+
+class _BinShard:
+    """A pytorch_model*.bin file read like a safetensors handle. weights_only: the pickle may build tensors
+    and plain containers only, never run code; mmap: tensors stay on disk until copied into the model."""
+
+    def __init__(self, file: str):
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+            raise ValueError("not a state dict of tensors")
+        self.sd = sd
+
+    def keys(self):
+        return list(self.sd)
+
+    def get_tensor(self, key: str):
+        return self.sd[key]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sd = None
 
 
 def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransformer:
-    """Load a Hugging Face checkpoint folder (config.json + safetensors, single or sharded,
-    per-expert or fused expert keys). Shard by shard, straight into the requested dtype,
+    """Load a Hugging Face checkpoint folder (config.json + safetensors or pytorch_model*.bin, single or
+    sharded, per-expert or fused expert keys). Shard by shard, straight into the requested dtype,
     so peak host memory stays near one copy of the model. Strict: every tensor consumed,
     every parameter filled, shapes equal, else one error naming all that is wrong."""
     from safetensors import safe_open
@@ -131,18 +208,22 @@ def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransfor
         model = MoETransformer(cfg)
     model = model.to_empty(device=device).to(dtype)  # uninitialised storage, filled below
     params = dict(model.named_parameters())  # a tied lm_head shares the embedding's entry
+    params.update(model.named_buffers())  # LLaMA-MoE's noise weights are a buffer: loaded and checked alike
     filled = {name: torch.zeros(p.shape[0] if p.dim() == 3 else 1, dtype=torch.bool) for name, p in params.items()}
     unexpected, bad_shape = [], []
     for file in files:
         try:
-            handle = safe_open(file, framework="pt", device="cpu")
-        except Exception as e:  # truncated or not a safetensors file
-            raise ValueError(f"{file}: cannot read safetensors file ({e})") from e
+            handle = _BinShard(file) if file.endswith(".bin") else safe_open(file, framework="pt", device="cpu")
+        except Exception as e:  # truncated, or not a safetensors / torch.save file
+            raise ValueError(f"{file}: cannot read {'pytorch_model' if file.endswith('.bin') else 'safetensors'} "
+                             f"file ({e})") from e
         with handle:
             for key in handle.keys():
                 targets = _hf_to_ours(key, cfg)
-                if any(t[0] not in params for t in targets):
-                    unexpected.append(key)
+                if not targets:  # known and not needed
+                    continue
+                if any(name not in params or (e is not None and e >= len(params[name])) for name, e, _ in targets):
+                    unexpected.append(key)  # an unknown name, or an expert beyond num_experts
                     continue
                 try:
                     t = handle.get_tensor(key)
@@ -169,11 +250,31 @@ def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransfor
     return model
 
 
-def save_pretrained(model: MoETransformer, path: str, fused: bool = False):
-    """Write config.json + model.safetensors in the Hugging Face layout transformers loads:
-    per-expert keys (the published layout) or, with fused=True, gate_up_proj/down_proj."""
+def write_safetensors(tensors: dict, file: str, metadata: dict | None = None):
+    """save_file, then the mode an ordinary new file gets (0666 less the umask, as for config.json):
+    safetensors >= 0.8 writes through a temporary file that it creates 0600 and renames into place
+    (safetensors issue #782), which would leave weights readable by their writer alone."""
     from safetensors.torch import save_file
 
+    save_file(tensors, file + ".tmp", metadata=metadata)
+    umask = os.umask(0)  # the only way to read the umask before Python 3.13: set it and put it back
+    os.umask(umask)
+    os.chmod(file + ".tmp", 0o666 & ~umask)
+    os.replace(file + ".tmp", file)
+
+
+MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # Mixtral's published expert names
+
+
+def save_pretrained(model: MoETransformer, path: str, fused: bool = False):
+    """Write config.json + model.safetensors in the Hugging Face layout transformers loads:
+    per-expert keys (the published layout: Mixtral's block_sparse_moe.experts.E.w1/w2/w3, the
+    others' mlp.experts.E.gate_proj/up_proj/down_proj) or, with fused=True, transformers 5's
+    mlp.experts.gate_up_proj (gate rows first) and down_proj, for every family but llama_moe, whose
+    published code reads only its own names (mlp.calculator.experts.weight_up.E, mlp.gate.gate_network.*)."""
+    mixtral, llama = model.cfg.model_type == "mixtral", model.cfg.model_type == "llama_moe"
+    if llama and fused:
+        raise ValueError("llama_moe has no fused layout: its published modeling code reads one tensor per expert")
     os.makedirs(path, exist_ok=True)
     sd = {}
     for name, p in model.named_parameters():
@@ -186,14 +287,30 @@ def save_pretrained(model: MoETransformer, path: str, fused: bool = False):
                 sd[f"model.{m[1]}.gate_up_proj"] = torch.cat([p, getattr(model.get_submodule(m[1]), "up_proj")], 1)
             elif m[2] == "down_proj":
                 sd[f"model.{m[1]}.down_proj"] = p
+        elif m and mixtral:
+            for e in range(p.shape[0]):
+                sd[f"model.{m[1]}.{e}.{MIXTRAL_NAMES[m[2]]}.weight".replace(".mlp.", ".block_sparse_moe.")] = p[e]
+        elif m and llama:  # mlp.calculator.experts.weight_{gate,up,down}.E
+            for e in range(p.shape[0]):
+                sd[f"model.{m[1].replace('.experts', '.calculator.experts')}.weight_{m[2][:-len('_proj')]}.{e}"] = p[e]
+        elif llama and ".mlp.gate." in key:  # the router: mlp.gate.gate_network.{0,2}.weight (mlp) or .weight
+            sd[key.replace(".mlp.gate.", ".mlp.gate.gate_network.")] = p
         elif m:
             for e in range(p.shape[0]):
                 sd[f"model.{m[1]}.{e}.{m[2]}.weight"] = p[e]
+        elif mixtral and not fused:  # the router: block_sparse_moe.gate, beside its experts
+            sd[key.replace(".mlp.", ".block_sparse_moe.")] = p
         else:
             sd[key] = p
-    tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file({k: v.detach().contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    if llama:  # the rest of what its code holds: each layer's rotary buffer and, if it has them, noise weights
+        hd = model.cfg.head_dim
+        inv_freq = 1.0 / (model.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+        for l, block in enumerate(model.layers):
+            sd[f"model.layers.{l}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()  # safetensors refuses shared
+            if model.cfg.router_noise:
+                sd[f"model.layers.{l}.mlp.gate.weight_noise.weight"] = block.mlp.gate_noise
+    write_safetensors({k: v.detach().contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"),
+                      metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(model.cfg), f, indent=2)
 
@@ -208,17 +325,27 @@ KNOWN_MODELS = {  # --model NAME -> Hugging Face repository
     "qwen2_moe": "Qwen/Qwen1.5-MoE-A2.7B",
     "qwen3_moe": "Qwen/Qwen3-30B-A3B",
     "mixtral": "mistralai/Mixtral-8x7B-v0.1",
+    "llama_moe": "llama-moe/LLaMA-MoE-v1-3_5B-2_8",
 }
 
 
-def find_checkpoint(name: str, download: bool = True) -> str:
+def find_checkpoint(name: str, download: bool = True, weights: bool = True) -> str:
     """A local folder; else a known name or repo id in the local Hugging Face cache; else a
-    download through huggingface_hub. Raises one message saying where it looked."""
+    download through huggingface_hub. Raises one message saying where it looked. A cached snapshot
+    counts only with the weights from_pretrained reads (weights=False: config.json is enough, for
+    the tokenizer alone)."""
     if os.path.isdir(name):
         return name
     repo = KNOWN_MODELS.get(name, name)
     if "/" not in repo:
         raise ValueError(f"unknown model {name!r}: give a checkpoint folder, a Hugging Face repo id, or one of {sorted(KNOWN_MODELS)}")
+
+    def has_weights(folder):  # the files from_pretrained reads: one file, or an index with all its shards
+        try:
+            return bool(_checkpoint_files(folder))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or an unreadable index
+            return False
+
     hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
     snapshots = os.path.join(hub, "models--" + repo.replace("/", "--"), "snapshots")
@@ -227,22 +354,36 @@ def find_checkpoint(name: str, download: bool = True) -> str:
     if os.path.exists(ref):
         candidates.append(os.path.join(snapshots, open(ref).read().strip()))
     candidates += sorted(glob.glob(os.path.join(snapshots, "*")), key=os.path.getmtime, reverse=True)
+    candidates = [c for c in candidates if os.path.exists(os.path.join(c, "config.json"))]
     for c in candidates:
-        if os.path.exists(os.path.join(c, "config.json")):
+        if not weights or has_weights(c):
             return c
     why = "downloads disabled"
     if download and not os.environ.get("HF_HUB_OFFLINE"):
         try:
             from huggingface_hub import snapshot_download
 
-            return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+            # every file hf.py and tasks/chat.py read: config.json, model.safetensors(.index.json) and its
+            # shards, tokenizer.json, tokenizer_config.json, chat_template.jinja; tokenizer* also takes
+            # tokenizer.model (sentencepiece models such as LLaMA-MoE ship it)
+            patterns = ["*.json", "*.safetensors", "tokenizer*", "chat_template.jinja"]
+            folder = snapshot_download(repo, allow_patterns=patterns)
+            if weights and not has_weights(folder):  # no safetensors: the .bin files (asked apart, never both)
+                folder = snapshot_download(repo, allow_patterns=["pytorch_model*.bin"])
+            if not weights or has_weights(folder):
+                return folder
+            why = "the repo has neither model.safetensors nor pytorch_model.bin, single or sharded"
         except ImportError:
             why = "huggingface_hub is not installed"
         except Exception as e:  # offline, gated, not found
-            why = f"download failed: {type(e).__name__}: {str(e)[:200]}"
+            reason = (str(e).strip().splitlines() or [""])[0]  # the first line, whole: later ones hold request ids
+            why = f"download failed: {type(e).__name__}: {reason}"
+    incomplete = (f" The cache holds {candidates[0]}, an incomplete download: config.json but no model.safetensors "
+                  f"or pytorch_model.bin (nor an index with all its shards); finish it with `hf download {repo}`, "
+                  f"which resumes." if candidates else "")
     raise FileNotFoundError(
         f"no weights for {name!r} ({repo}). Looked for: a folder named {name!r}; the Hugging Face cache {snapshots}; "
-        f"a download ({why}). Get them with `hf download {repo}` on a machine with internet (then copy "
+        f"a download ({why}).{incomplete} Get them with `hf download {repo}` on a machine with internet (then copy "
         f"~/.cache/huggingface or the folder here), or pass --model /path/to/checkpoint.")
 
 
@@ -279,6 +420,9 @@ class HFTokenizer:
             self.name = "hf:" + hashlib.sha256(f.read()).hexdigest()[:16]
         self.eos_id = cfg.eos_id
         self.pad_id = cfg.pad_id if cfg.pad_id is not None else cfg.eos_id
+        # the token this tokenizer puts before every text (LLaMA's and Mixtral's <s>), else None (OLMoE, Qwen)
+        plain, full = self.tok.encode("a", add_special_tokens=False).ids, self.tok.encode("a").ids
+        self.bos_id = full[0] if full[:1] != plain[:1] and full[1:1 + len(plain)] == plain else None
         self.vocab_size = self.tok.get_vocab_size()
         tc = os.path.join(path, "tokenizer_config.json")
         self.chat_template = json.load(open(tc)).get("chat_template") if os.path.exists(tc) else None
@@ -294,5 +438,8 @@ def load_tokenizer(path: str, cfg: MoEConfig):
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        if os.path.exists(os.path.join(path, "tokenizer.model")):  # sentencepiece only, as LLaMA-MoE ships
+            raise FileNotFoundError(f"{path}: no tokenizer.json, only a sentencepiece tokenizer.model; convert it once "
+                                    f"with `python tools/convert_tokenizer.py {path}`")
         raise FileNotFoundError(f"{path}: no tokenizer.json (moe.py reads the checkpoint's own tokenizer)")
     return HFTokenizer(path, cfg)

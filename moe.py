@@ -12,6 +12,8 @@ Architectures (picked by config.json's `model_type`):
              mlp_only_layers.
 - qwen3_moe  QK-norm per head, top-k renormalised, grouped-query attention.
 - mixtral    grouped-query attention, top-k renormalised, w1/w2/w3 expert names.
+- llama_moe  LLaMA-MoE (LLaMA-2-7B with its MLPs split into experts): an MLP router (Linear -> tanh ->
+             Linear), softmax over the top-k logits (or the raw logits), expert outputs scaled by a constant.
 
 Notable choices:
 - Experts are stored stacked, one (E, out, in) tensor per projection, so that
@@ -218,11 +220,21 @@ class RouterOut(NamedTuple):
     weights: torch.Tensor  # (N, K) the gate weights that mixed their outputs
 
 
+def router(cfg: "MoEConfig") -> nn.Module:
+    """The router, (N, H) -> (N, E) logits: one Linear, or LLaMA-MoE's two-layer gate network."""
+    H, E = cfg.hidden_size, cfg.n_experts
+    if cfg.router == "mlp":  # widths and no biases as LLaMA-MoE's TopKBalancedNoisyGate(gate_network="mlp")
+        return nn.Sequential(nn.Linear(H, E, bias=False), nn.Tanh(), nn.Linear(E, E, bias=False))
+    return nn.Linear(H, E, bias=False)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: "MoEConfig"):
         super().__init__()
         self.cfg = cfg
-        self.gate = nn.Linear(cfg.hidden_size, cfg.n_experts, bias=False)  # the router
+        self.gate = router(cfg)  # a module: train and save it through .parameters() / .state_dict()
+        if cfg.router_noise:  # LLaMA-MoE's noisy-top-k weights: carried to the export, never used (no noise here)
+            self.register_buffer("gate_noise", torch.zeros(cfg.n_experts, cfg.hidden_size))
         self.experts = Experts(cfg.n_experts, cfg.hidden_size, cfg.intermediate_size)
         if cfg.shared_expert_size:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size)
@@ -232,11 +244,14 @@ class MoE(nn.Module):
         B, T, H = x.shape
         K = self.cfg.top_k
         x = x.reshape(B * T, H)  # (N, H)
-        logits = self.gate(x.to(self.gate.weight.dtype))  # (N, E); the router may be kept in fp32 for training
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # softmax over all experts, then top-k
-        weights, ids = probs.topk(K, dim=-1)  # (N, K)
-        if self.cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits = self.gate(x.to(next(self.gate.parameters()).dtype))  # (N, E); the router may be fp32 in training
+        if self.cfg.router_softmax:
+            probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # softmax over all experts, then top-k
+            weights, ids = probs.topk(K, dim=-1)  # (N, K)
+            if self.cfg.norm_topk_prob:  # = a softmax over the top-k logits alone
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        else:  # the top-k logits themselves weight the experts
+            weights, ids = logits.topk(K, dim=-1)
         weights = weights.to(x.dtype)
         # dispatch: sort the N*K (token, slot) copies by expert, run each expert on its slice
         flat_ids = ids.view(-1)  # (N*K,)
@@ -244,7 +259,7 @@ class MoE(nn.Module):
         token = order // K  # the token each sorted copy came from
         # index_select rather than x[token]: the same gather, but its backward is a plain index_add
         y = self.experts(x.index_select(0, token), flat_ids[order])  # (N*K, H)
-        y = y * weights.view(-1)[order, None]
+        y = y * (weights.view(-1)[order, None] * self.cfg.expert_scale)
         out = torch.zeros_like(x).index_add_(0, token, y)  # combine: sum of the K weighted outputs
         if self.cfg.shared_expert_size:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
@@ -348,7 +363,11 @@ class MoEConfig:
     n_experts: int = 8  # E routed experts per MoE layer
     top_k: int = 2  # K: the model's own top-k is used everywhere, never a default
     intermediate_size: int = 256  # I: width of one routed expert
-    norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1 (Qwen3, Mixtral)
+    norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1 (Qwen3, Mixtral, LLaMA-MoE)
+    router: str = "linear"  # "linear": Linear(H, E) | "mlp": Linear(H, E) -> tanh -> Linear(E, E) (LLaMA-MoE)
+    router_softmax: bool = True  # False: the raw top-k logits weight the experts (LLaMA-MoE gate_use_softmax=false)
+    expert_scale: float = 1.0  # multiplies every expert's weighted output (LLaMA-MoE score_scale_factor: 4.0 in 2/8)
+    router_noise: bool = False  # hold LLaMA-MoE's noise weights for export; routing here is never noisy
     shared_expert_size: int = 0  # Qwen2-MoE's shared expert width; 0 = none
     dense_layers: tuple = ()  # layers with a dense MLP instead of MoE (Qwen's mlp_only_layers)
     dense_intermediate_size: int = 0

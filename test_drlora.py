@@ -50,25 +50,25 @@ def batch(seed, B=2, T=8):
 
 
 def train(m, d, opt, steps, data_seed=0, on_backward=None, on_event=None, on_step=None):
-    """The loop of drlora's docstring; hooks see the state after backward, after a growth event
-    (before opt.step()) and after opt.step()."""
-    events = []
-    for t in steps:
-        x, y, mask = batch(data_seed + t)
-        out = m(x, targets=y, attention_mask=mask)
-        d.observe(out.routers, mask)
-        out.loss.backward()
+    """Steps of drlora.train_step; hooks see the state after backward (just before d.step), right after
+    a growth event (before opt.step()) and after opt.step()."""
+    step, events = d.step, []
+
+    def hooked(t):
         if on_backward:
             on_backward(t)
-        event = d.step(t)
-        if event:
-            events.append(event)
-            if on_event:
-                on_event(t)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        event = step(t)
+        if event and on_event:
+            on_event(t)
+        return event
+
+    d.step = hooked
+    for t in steps:
+        _, event = drlora.train_step(m, d, opt, [batch(data_seed + t)], t)
+        events += [event] if event else []
         if on_step:
             on_step(t)
+    d.step = step
     return events
 
 
@@ -700,3 +700,130 @@ def test_ddp_two_processes_agree(tmp_path, monkeypatch):
     assert a["params"].keys() == b["params"].keys() and len(a["params"]) == 2 * (4 + 1)
     for n in a["params"]:
         assert torch.equal(a["params"][n], b["params"][n]), n
+
+
+# -----------------------------------------------------------------------------
+# edges: ties, the last event, the step's order
+
+
+def test_equal_experts_tie_to_the_lower_index_whatever_their_number():
+    # 2 layers of 20 experts (past 16, where an unstable sort still happens to keep the order), layer 1 fully tied
+    m = tiny(n_layer=2, n_experts=20)
+    d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=1, r_target=2, r_max=4, dT=25, p_grow=0.34), total_steps=100)
+    # t_warm 3, events [3, 28, 53]: Q = ceil(20 / 3) = 7, cap = max(1, floor(3 * 0.34)) = 1
+    assert (d.events, d.quota, d.cap) == ([3, 28, 53], 7, 1)
+    d.f[:] = 0.05
+    d.f[0, 19] = 0.5  # layer 0 is not tied: expert 19 first
+    for p in d.cfg.targets:
+        d.g[p][:] = 1.0
+    S = d.saliency()
+    assert len(set(S[1].tolist())) == 1  # bit-equal scores for equal inputs
+    event = d.grow(3)
+    assert event["grown"][1] == [1] * 7 + [0] * 13  # experts 0..6, lower index first
+    assert event["grown"][0] == [1] * 6 + [0] * 13 + [1]  # 19, then 0..5
+
+
+def test_the_last_event_passes_the_cap_so_every_layer_ends_at_its_target():
+    # N=3, ranks 1 -> 5, r_max 6, T=200, dT=30: t_warm 6, events 6, 36, ..., 156 (6), Q = ceil(12 / 6) = 2,
+    # cap = max(1, floor(5 * 0.1)) = 1. Experts 0 and 1 always most salient: they fill to 6 and expert 2
+    # gets only what is left of each quota; without the last event's exception the layer ends at 6 + 6 + 2 = 14.
+    m = tiny(n_layer=1, n_experts=3)
+    d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=1, r_target=5, r_max=6, dT=30), total_steps=200)
+    assert (d.events, d.quota, d.cap) == ([6, 36, 66, 96, 126, 156], 2, 1)
+    d.f[0] = torch.tensor([0.6, 0.5, 0.0001])
+    for t in d.events:
+        for p in d.cfg.targets:
+            d.g[p][:] = 1.0
+        d.grow(t)
+    # events 1-5: Q = 2, cap 1: experts 0 and 1 get +1 each until both are at 6, expert 2 stays at 1: [6, 6, 1] = 13;
+    # the last event: 15 - 13 = 2 missing, experts 0 and 1 are full, the cap is lifted: expert 2 gets both -> 3
+    assert d.ranks.tolist() == [[6, 6, 3]] and sum(d.ranks[0].tolist()) == 3 * 5
+
+
+class Recorder:
+    """Wraps what a step calls and logs the order, with the statistics each call saw."""
+
+    def __init__(self, d, opt):
+        self.log, self.d, self.opt = [], d, opt
+        for obj, name in ((d, "observe"), (d, "step"), (opt, "step"), (opt, "zero_grad")):
+            self.wrap(obj, name)
+
+    def wrap(self, obj, name):
+        fn = getattr(obj, name)
+
+        def call(*a, **kw):
+            if obj is self.d and name == "step":  # what drl.step sees: gradients present, tokens of every micro-batch
+                grads = [p.grad for p in self.d.lora_parameters()]
+                self.log.append(("drl.step", all(g is not None for g in grads), float(self.d._tokens.sum())))
+            else:
+                self.log.append(((("drl." if obj is self.d else "opt.") + name),))
+            return fn(*a, **kw)
+
+        setattr(obj, name, call)
+
+
+def test_one_step_observes_every_micro_batch_then_steps_drlora_before_the_update():
+    torch.manual_seed(0)
+    m = tiny()
+    d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=1, r_target=2, r_max=3, dT=10), total_steps=100)  # t_warm 3
+    with torch.no_grad():
+        for lora in (blk.experts.lora for blk in m.moe_layers()):
+            for B in lora.B.values():
+                B.copy_(torch.randn_like(B))  # B != 0, so both factors of g are nonzero
+    opt = torch.optim.AdamW(d.trainable_parameters(), lr=1e-2)
+    routers = [blk.gate.weight.detach().clone() for blk in m.moe_layers()]
+    rec = Recorder(d, opt)
+    drlora.train_step(m, d, opt, [batch(1), batch(2)], t=0)
+    assert [e[0] for e in rec.log] == ["drl.observe", "drl.observe", "drl.step", "opt.step", "opt.zero_grad"]
+    # drl.step saw the gradients and both micro-batches: (8 + 5) real tokens each, 2 layers -> 2 * 2 * 13 = 52
+    assert rec.log[2][1:] == (True, 52.0)
+    assert all(v.sum() > 0 for v in d.g.values())  # g from this step's gradients, not from zeroed ones
+    # step 0 is in the warm-up: the router's gradient was dropped before the update
+    assert all(torch.equal(blk.gate.weight, w) for blk, w in zip(m.moe_layers(), routers))
+    assert all(p.grad is None for p in d.trainable_parameters())  # zeroed at the end
+
+
+def test_router_trains_in_fp32_over_a_bf16_base():
+    # lr 2e-5 on weights of about 0.02: each update is under half a bf16 ulp (2^-14 ~ 6e-5 at 0.02), so a bf16
+    # router would hardly move. Kept in fp32, it takes AdamW's fp32 update: the first step from fresh moments
+    # moves each entry by exactly -lr * g / (|g| + eps).
+    m = tiny().to(torch.bfloat16)
+    d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=1, r_target=2, r_max=4, dT=10, dropout=0.0), total_steps=100)
+    with torch.no_grad():
+        for lora in (blk.experts.lora for blk in m.moe_layers()):
+            for B in lora.B.values():
+                B.copy_(torch.randn(B.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    routers = [blk.gate.weight for blk in m.moe_layers()]
+    start = [w.detach().clone() for w in routers]
+    opt = torch.optim.AdamW(d.trainable_parameters(), lr=2e-5, weight_decay=0.0, eps=1e-8)
+    grads, step = [], d.step
+    d.step = lambda t: (grads.extend(w.grad.clone() for w in routers), step(t))[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        drlora.train_step(m, d, opt, [batch(3), batch(4)], t=3)  # t_warm 3: the router's first trained step
+    assert all(w.dtype == torch.float32 and g.dtype == torch.float32 for w, g in zip(routers, grads))
+    for w, w0, g in zip(routers, start, grads):
+        assert (w != w0).all()  # every entry moved
+        torch.testing.assert_close(w - w0, -2e-5 * g / (g.abs() + 1e-8), rtol=1e-4, atol=1e-10)
+
+
+def test_an_adapter_refuses_another_base(tmp_path):
+    m = tiny(seed=0)
+    cfg = drlora.DRLoRAConfig(r_init=1, r_target=2, r_max=4, dT=10)
+    drlora.DRLoRA(m, cfg, total_steps=100)
+    path = str(tmp_path / "a.safetensors")
+    drlora.save_adapter(m, path, cfg)
+    with pytest.raises(ValueError, match="other weights"):  # same shapes, another pretrained model
+        drlora.load_adapter(tiny(seed=1), path)
+    with pytest.raises(ValueError, match=r"'n_experts': \(8, 4\)"):  # other shapes: named, no raw traceback
+        drlora.load_adapter(tiny(n_experts=4), path)
+    torch.save({"x": 1}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="ckpt.pt: cannot read it as a drlora adapter"):
+        drlora.load_adapter(tiny(), str(tmp_path / "ckpt.pt"))
+    drlora.load_adapter(tiny(seed=0), path)  # its own base
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask():
+    u = os.umask(0)
+    os.umask(u)
+    return u

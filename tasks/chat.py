@@ -127,14 +127,15 @@ def _plain_prompt(messages: list[dict]) -> str:
 
 
 def load_format(model: str, template_from: str | None = None):
-    """(tokenizer, ChatFormat) of a checkpoint folder or known name (hf.find_checkpoint, no download),
-    or 'tiny' (ByteTokenizer, plain). template_from: take the chat template from there instead."""
+    """(tokenizer, ChatFormat) of a checkpoint folder or known name (hf.find_checkpoint, no download,
+    weights not needed), or 'tiny' (ByteTokenizer, plain). template_from: take the chat template from
+    there instead."""
     import hf
 
     if model == "tiny":
         tokenizer, path = hf.ByteTokenizer(), None
     else:
-        path = hf.find_checkpoint(model, download=False)
+        path = hf.find_checkpoint(model, download=False, weights=False)
         with open(os.path.join(path, "config.json")) as f:
             cfg = hf.config_from_hf(json.load(f), source=os.path.join(path, "config.json"))
         tokenizer = hf.load_tokenizer(path, cfg)

@@ -7,7 +7,7 @@ test problems by exact match of the final number.
 Rows: MetaMathQA {query, response} (responses end "The answer is: N") or GSM8K {question, answer}
 (answers end "#### N"), on either side. One turn: user = the problem, assistant = the solution.
 A test row whose answer has no final number (common.extract_number) is malformed: it could never
-count as solved. Options: see data/prepare.py and --help.
+count as solved. Options: see tasks/prepare.py and --help.
 """
 import sys
 from pathlib import Path

@@ -8,7 +8,7 @@ Rows: {text, label}; label a category name, or its number with --label_names FIL
 in label order) or from the Hub (datasets' ClassLabel names arrive as 'label_name').
 Distractors and the true answer's position come from random.Random(f"{seed}:{text}"): fixed by the
 seed and the provision, whatever the file order. The categories offered are those of --label_names,
-else every label seen in train and test. Metric: as MedMCQA's (evaluate.multiple_choice).
+else every label seen in train and test. Metric: as MedMCQA's (tasks/metrics.py's multiple_choice).
 """
 import argparse
 import random

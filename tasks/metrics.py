@@ -61,7 +61,8 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[list[int
     return out
 
 
-def multiple_choice(model, dataset, choices: list[dict], n: int | None = None, batch_size: int = 16, autocast=None) -> dict:
+def multiple_choice(model, dataset, choices: list[dict], n: int | None = None, batch_size: int = 16,
+                    autocast=None) -> dict:
     """Accuracy over the first n test samples; choices[i] = {"choices": [answer ids, ...], "label": k}
     (test_choices.jsonl). Ties go to the lower option."""
     n = len(dataset) if n is None else min(n, len(dataset))
@@ -103,7 +104,7 @@ def generate_responses(model, tokenizer, prompts_file, out_file, max_new_tokens:
                        autocast=None) -> int:
     """Greedy responses to test_prompts.jsonl (IFEval), written as the {prompt, response} lines that
     IFEval's scorer reads (--input_response_data). Returns how many."""
-    rows = load_jsonl(prompts_file)
+    rows = list(common.read_jsonl(prompts_file, ("prompt", "prompt_ids")))
     texts = evals.greedy(model, tokenizer, [r["prompt_ids"] for r in rows], max_new_tokens, batch_size, autocast)
     tmp = str(out_file) + ".tmp"
     with open(tmp, "w") as f:
@@ -130,7 +131,8 @@ def evaluate(metric: str, model, tokenizer, folder, test_set, n: int | None = No
     """({"metric": name, "score": headline number, "higher_is_better": bool, ...details}, [(prompt or
     task id, output, ok)]) for the metric a prepared task's manifest names."""
     if metric == "multiple_choice":
-        r = multiple_choice(model, test_set, load_jsonl(os.path.join(folder, "test_choices.jsonl")), n, autocast=autocast)
+        choices = load_jsonl(os.path.join(folder, "test_choices.jsonl"))
+        r = multiple_choice(model, test_set, choices, n, autocast=autocast)
         return {"metric": "accuracy", "score": r["accuracy"], "higher_is_better": True,
                 "accuracy_norm": r["accuracy_norm"]}, []
     if metric == "humaneval":

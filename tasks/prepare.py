@@ -12,7 +12,9 @@ Sources (--train / --test take one or more):
   A ClassLabel column also gets its names in '<column>_name'.
 Splits: val = a seeded slice of --val_size training rows, train = the rest (at most --max_train);
 test = the benchmark's rows in file order (at most --max_test), plus the files a metric needs next to
-test.npz (test_choices.jsonl, test_problems.jsonl, test_prompts.jsonl). The manifest names the metric.
+test.npz (test_choices.jsonl, test_problems.jsonl, test_prompts.jsonl). The manifest names the metric,
+the module that computes it ("evaluator": tasks.metrics, imported by evals.evaluate_task) and the
+command that made the folder ("made_by", which error messages quote to say how to remake it).
 A malformed row stops the script with its file and line; --skip_bad skips it, warns and counts it in
 the manifest. Samples longer than --max_len + 1 tokens are counted (train.py truncates them); samples
 whose prompt alone fills --max_len are dropped and counted (no answer token would be left to learn).
@@ -21,6 +23,7 @@ import argparse
 import gzip
 import json
 import random
+import shlex
 import sys
 import time
 import warnings
@@ -32,6 +35,7 @@ from tasks import chat as chat_format
 from data import common
 
 LETTERS = "ABCD"
+EVALUATOR = "tasks.metrics"  # the module evals.evaluate_task imports to compute a metric other than exact match
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Task:
     test: list[str] | Callable[[], list[str]]  # default test sources (a function: resolved when used)
     train_example: Callable  # (row, args) -> {"messages": [...], ...}; raises ValueError on a bad row
     test_example: Callable
-    metric: str  # what evaluate.evaluate_task computes: exact_match | multiple_choice | humaneval | none
+    metric: str  # what evals.evaluate_task computes: exact_match | multiple_choice | humaneval | test_loss
     prompts_only_test: bool = False  # test rows are prompts without answers (IFEval): test.npz is held out from train
     add_args: Callable | None = None  # (parser) -> None: the task's own flags
     finish: Callable | None = None  # (train, test, args): steps that need every row (LEDGAR's label set)
@@ -78,6 +82,8 @@ def read_rows(spec: str) -> Iterator[tuple[str, object]]:
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: pass the data file(s) in it")
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -86,6 +92,13 @@ def read_rows(spec: str) -> Iterator[tuple[str, object]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}, row {i}", row
         return
+    try:
+        yield from _file_rows(path)
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError
+        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from e
+
+
+def _file_rows(path: Path):
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         first = f.read(4096).lstrip()[:1]
@@ -126,7 +139,8 @@ def _hub_rows(spec: str):
 
 
 def read_examples(specs: list[str], convert: Callable, args, report: dict) -> list[dict]:
-    """Every row of every source through convert(row, args); bad rows raise, or are counted with --skip_bad."""
+    """Every row of every source through convert(row, args), with the source in 'source'; bad rows
+    raise, or are counted with --skip_bad. A source without a single row is an error."""
     out = []
     for spec in specs:
         good = bad = 0
@@ -142,8 +156,10 @@ def read_examples(specs: list[str], convert: Callable, args, report: dict) -> li
                     raise ValueError(f"{where}: {e} (--skip_bad skips such rows)") from e
                 bad += 1
                 continue
-            out.append(example)
+            out.append({**example, "source": spec})
             good += 1
+        if good + bad == 0:
+            raise ValueError(f"{spec} holds no rows")
         report["rows"][spec] = good
         if bad:
             report["skipped"][spec] = bad
@@ -153,7 +169,7 @@ def read_examples(specs: list[str], convert: Callable, args, report: dict) -> li
 
 # --- formatting and writing
 
-def encode(fmt, examples: list[dict], max_len: int, split: str, report: dict):
+def encode(fmt, examples: list[dict], max_len: int, split: str, report: dict, sources: list[str]):
     """(samples, kept examples) in fmt; too-long samples counted, prompts that fill max_len dropped."""
     samples, kept, dropped, long = [], [], 0, 0
     for ex in examples:
@@ -167,7 +183,8 @@ def encode(fmt, examples: list[dict], max_len: int, split: str, report: dict):
     report["dropped_prompt_too_long"][split] = dropped
     report["longer_than_max_len"][split] = long
     if not samples:
-        raise ValueError(f"no {split} sample left (read {len(examples)}, {dropped} prompts longer than --max_len {max_len})")
+        raise ValueError(f"no {split} sample left from {' '.join(sources)} ({len(examples)} read, {dropped} of "
+                         f"them with prompts longer than --max_len {max_len})")
     return samples, kept
 
 
@@ -195,7 +212,8 @@ def write_test_extras(out: Path, fmt, test: list[dict], samples) -> dict:
     return files
 
 
-def prepare(task: Task, args) -> dict:
+def prepare(task: Task, args, made_by: str | None = None) -> dict:
+    """Write args.out's SFT files and manifest.json; made_by: the command line, recorded there."""
     if args.val_size < 1:
         raise ValueError("--val_size must be at least 1: train.py reads val.npz")
     tokenizer, fmt = chat_format.load_format(args.model, args.chat_template)
@@ -216,10 +234,11 @@ def prepare(task: Task, args) -> dict:
     prompts = test[:args.max_test or None]
     splits["test"] = train[args.val_size:held] if task.prompts_only_test else prompts
     out = Path(args.out)
-    source = f"data/{task.name}.py: train {' '.join(train_specs)}; test {' '.join(test_specs)}"
+    source = f"tasks/{task.name}.py: train {' '.join(train_specs)}; test {' '.join(test_specs)}"
     files = {}
     for split in ("train", "val", "test"):
-        samples, kept = encode(fmt, splits[split], args.max_len, split, report)
+        from_specs = test_specs if split == "test" and not task.prompts_only_test else train_specs
+        samples, kept = encode(fmt, splits[split], args.max_len, split, report, from_specs)
         common.write_sft(out / f"{split}.npz", samples, tokenizer_name=getattr(tokenizer, "name", "?"),
                          source=source, seed=args.seed)
         if split == "test" and not task.prompts_only_test:
@@ -229,8 +248,8 @@ def prepare(task: Task, args) -> dict:
                                                   "prompt_ids": fmt.encode_prompt(ex["messages"])} for ex in prompts])
         files["test_prompts.jsonl"] = len(prompts)
     manifest = common.read_manifest(out)
-    manifest.update(task=task.name, metric=task.metric, format=fmt.name, model=args.model, max_len=args.max_len,
-                    val_size=args.val_size, files=files, **report)
+    manifest.update(task=task.name, metric=task.metric, evaluator=EVALUATOR, format=fmt.name, model=args.model,
+                    max_len=args.max_len, val_size=args.val_size, files=files, made_by=made_by, **report)
     common.write_manifest(out, manifest)
     return manifest
 
@@ -259,19 +278,20 @@ def parser(task: Task, doc: str) -> argparse.ArgumentParser:
 
 
 def main(task: Task, doc: str, argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser(task, doc).parse_args(argv)
     t0 = time.time()
-    m = prepare(task, args)
+    m = prepare(task, args, made_by=shlex.join(["python", f"tasks/{task.name}.py", *argv]))
     for split, s in m["splits"].items():
         print(f"{split}: {s['samples']:,} samples, {s['tokens']:,} tokens, {s['answer_tokens']:,} in the loss, "
               f"{m['longer_than_max_len'][split]:,} longer than {args.max_len + 1} -> {Path(args.out) / split}.npz")
-    print(f"format {m['format']}, metric {m['metric']}, extra files {m['files']}, skipped rows {m['skipped'] or 0}; "
-          f"{time.time() - t0:.1f} s")
+    print(f"format {m['format']}, metric {m['metric']} ({m['evaluator']}), extra files {m['files']}, "
+          f"skipped rows {m['skipped'] or 0}; {time.time() - t0:.1f} s")
     return m
 
 
-def cli(task: Task, doc: str):
+def cli(task: Task, doc: str, argv=None):
     try:
-        main(task, doc)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: a clear message, no traceback
+        main(task, doc, argv)
+    except (ValueError, OSError, ImportError) as e:  # bad input: a clear message, no traceback
         sys.exit(f"error: {e}")

@@ -6,9 +6,10 @@ was tuned on), with IFEval's 541 prompts for test.
 
 Train rows: {messages: [{role, content}, ...]}, roles system/user/assistant, ending with an assistant
 turn; only that last turn is in the loss (see tasks/chat.py). test.npz is a second held-out slice of the
-mix (loss only). IFEval rows {key, prompt, ...} go to test_prompts.jsonl with their prompt ids;
-evaluate.generate_responses writes the {prompt, response} file that IFEval's own scorer
-(google-research/instruction_following_eval) reads. Scoring IFEval is out of scope here.
+mix: its metric is the held-out loss ("test_loss", lower is better; tasks/metrics.py). IFEval rows
+{key, prompt, ...} go to test_prompts.jsonl with their prompt ids; tasks/ifeval_responses.py writes
+the {prompt, response} file that IFEval's own scorer (google-research/instruction_following_eval)
+reads as --input_response_data. Scoring IFEval is out of scope here.
 """
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def test_example(row: dict, args) -> dict:
 
 
 TASK = prepare.Task("tulu", train=["hf:allenai/tulu-v3.1-mix-preview-4096-OLMoE:train"], test=["hf:google/IFEval:train"],
-                  train_example=train_example, test_example=test_example, metric="none", prompts_only_test=True)
+                  train_example=train_example, test_example=test_example, metric="test_loss", prompts_only_test=True)
 
 if __name__ == "__main__":
     prepare.cli(TASK, __doc__)

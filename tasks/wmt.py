@@ -6,7 +6,8 @@
 Rows: {"translation": {"en": ..., "de": ...}}, as the Hub's wmt data sets hold them: each row
 names its own pair. Prompt: "Translate the following English text into German:" and the text;
 answer: the translation. WMT19's training sets hold tens of millions of pairs: use --max_train.
-Metric: none here (BLEU / chrF would need sacrebleu): val and test loss only.
+Metric: the held-out loss on test.npz ("test_loss", mean cross-entropy per answer token, lower is
+better; tasks/metrics.py). BLEU / chrF would need sacrebleu and generation: not computed here.
 """
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def add_args(p):
 
 TASK = prepare.Task("wmt", train=[f"hf:wmt/wmt19:{p}-en:train" for p in ("cs", "de", "zh")],
                   test=[f"hf:wmt/wmt19:{p}-en:validation" for p in ("cs", "de", "zh")],
-                  train_example=example, test_example=example, metric="none", add_args=add_args)
+                  train_example=example, test_example=example, metric="test_loss", add_args=add_args)
 
 if __name__ == "__main__":
     prepare.cli(TASK, __doc__)

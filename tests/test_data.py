@@ -83,6 +83,27 @@ def test_missing_files_name_the_path_and_the_script(tmp_path):
         common.read_jsonl(tmp_path / "x.jsonl")
 
 
+def test_maker_names_the_recorded_command_else_a_sensible_script(tmp_path):
+    folder = tmp_path / "some" / "path"  # train.py --task /some/path: no data/<name> script to name
+    assert common.maker(folder / "train.npz") == "the prepare script that made it (data/*.py or tasks/*.py)"
+    write_samples(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    stale = {**manifest, "made_by": "python tasks/wmt.py --model olmoe", "splits": {"train": {"samples": 5}}}
+    (folder / "manifest.json").write_text(json.dumps(stale))
+    assert common.maker(folder / "train.npz") == "python tasks/wmt.py --model olmoe"
+    with pytest.raises(ValueError, match=r"stale; remake it with `python tasks/wmt\.py --model olmoe`"):
+        common.load_sft(folder / "train.npz")
+    gsm8k = tmp_path / "gsm8k"  # a real task's folder made with --out, before made_by was recorded
+    write_samples(gsm8k)
+    (gsm8k / "manifest.json").write_text(json.dumps({**manifest, "model": "olmoe"}))
+    assert common.maker(gsm8k / "x") == f"python tasks/gsm8k.py --model olmoe --out {gsm8k}"
+    (tmp_path / "ledgar").mkdir()
+    (tmp_path / "ledgar" / "manifest.json").write_text("[not an object]")
+    assert common.maker(tmp_path / "ledgar" / "x") == f"python tasks/ledgar.py --model MODEL --out {tmp_path}/ledgar"
+    assert common.maker(common.DATA_DIR / "medmcqa" / "x").startswith("python tasks/medmcqa.py --model ")
+    assert common.maker(tmp_path / "arithmetic" / "x") == "python data/arithmetic.py"
+
+
 def test_corrupt_npz_and_manifest_name_the_file_and_key(tmp_path):
     write_samples(tmp_path)
     good = (tmp_path / "train.npz").read_bytes()

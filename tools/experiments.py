@@ -21,7 +21,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+sys.path.insert(0, ROOT)
 import train  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def run_row(name, extra, s, seed, out_root, first):
     log = open(os.path.join(out, "log.txt"), "w")
     # tiny models run faster on one thread each, two runs side by side on 2 cores
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return out, subprocess.Popen([sys.executable, "train.py", *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+    return out, subprocess.Popen([sys.executable, "train.py", *argv], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def result_of(out):
@@ -67,7 +68,8 @@ def result_of(out):
     # DR-LoRA allocates every slot up to r_max and trains the active ones; uniform LoRA needs only its rank
     # (train.py's lora method keeps r_max slots too, for one code path, but never touches the inactive ones)
     per_rank = r["active_lora_params"] / sum(map(sum, r["ranks"]))
-    slots = run["config"]["r_max"] if run["config"]["method"] == "drlora" else run["config"]["r_target"]
+    lora = run["config"]["lora"]
+    slots = lora["r_max"] if lora["method"] == "drlora" else lora["r_target"]
     return {**r, "allocated_lora_params": round(per_rank * len(r["ranks"]) * len(r["ranks"][0]) * slots)}
 
 
@@ -104,17 +106,17 @@ def main():
             name, seed, proc = job
             if proc.returncode != 0:
                 raise RuntimeError(f"{name} seed {seed} failed: see {outs[name, seed]}/log.txt")
-            print(f"[{time.time() - t0:.0f}s] {name} seed {seed}: accuracy {result_of(outs[name, seed])['accuracy']:.3f}", flush=True)
+            print(f"[{time.time() - t0:.0f}s] {name} seed {seed}: accuracy {result_of(outs[name, seed])['score']:.3f}", flush=True)
     results = {name: [result_of(outs[name, seed]) for seed in seeds] for name in rows}
 
     def ms(xs):
         return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
-    base = next(r for rs in results.values() for r in rs if r.get("base_accuracy") is not None)
+    base = next(r for rs in results.values() for r in rs if r.get("base_score") is not None)
     lines = ["| row | accuracy | val loss | active LoRA params | allocated LoRA params |", "|---|---|---|---|---|",
-             f"| base model (no fine-tuning) | {base['base_accuracy']:.3f} | {base['base_val_loss']:.3f} | 0 | 0 |"]
+             f"| base model (no fine-tuning) | {base['base_score']:.3f} | {base['base_val_loss']:.3f} | 0 | 0 |"]
     for name, rs in results.items():
-        lines.append(f"| {name} | {ms([r['accuracy'] for r in rs])} | {ms([r['val_loss'] for r in rs])} | "
+        lines.append(f"| {name} | {ms([r['score'] for r in rs])} | {ms([r['val_loss'] for r in rs])} | "
                      f"{rs[0]['active_lora_params']:,} | {rs[0]['allocated_lora_params']:,} |")
     table = "\n".join(lines)
     print(f"\n{len(seeds)} seed(s), mean ± standard deviation; accuracy: exact match on {s['eval_samples']} test problems\n")

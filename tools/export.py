@@ -1,17 +1,25 @@
 """
-Export a DR-LoRA fine-tune as a plain Hugging Face checkpoint: every expert's active LoRA merged into
-its weights (drlora.merge), so transformers, vLLM or anything else that reads the base model reads
-the fine-tuned one, with no adapter code. (A PEFT adapter cannot express per-expert ranks on
-transformers 5: see SPEC.md. The merged folder is the portable export; drlora.load_adapter applies
-the small adapter file to the base again, for our own evaluation.)
+Export a DR-LoRA fine-tune for use outside drlora, in one of two forms:
 
-    python export.py --base olmoe --adapter out/adapter.safetensors --out out/merged
+  --out DIR   a plain Hugging Face checkpoint: every expert's active LoRA merged into its weights
+              (drlora.merge), so transformers, vLLM or anything that reads the base reads the fine-tune.
+  --peft DIR  a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for the base as
+              transformers 5 holds it, experts fused: PeftModel.from_pretrained(base, DIR). Many task
+              adapters can then share one base in memory. Written with safetensors and json alone.
 
-The folder holds config.json and model.safetensors in the expert layout the base checkpoint used
-(per-expert keys, or transformers 5's fused gate_up_proj), the tokenizer files copied from the base,
-and generation_config.json with eos and pad ids. The command line merges in float32 (the base loaded
-in fp32: about 4 bytes per parameter of host memory, 28 GB for OLMoE-1B-7B), then writes the base
-checkpoint's dtype (--dtype to choose).
+    python tools/export.py --base olmoe --adapter out/adapter.safetensors --out out/merged
+    python tools/export.py --base olmoe --adapter out/adapter.safetensors --peft out/peft [--vllm]
+
+Merged: config.json and model.safetensors in the expert layout the base checkpoint used (per-expert
+keys, or transformers 5's fused gate_up_proj), the tokenizer files copied from the base, and
+generation_config.json with eos and pad ids. Merged in float32 (the base loaded in fp32: about 4 bytes
+per parameter of host memory, 28 GB for OLMoE-1B-7B), then written in the base checkpoint's dtype
+(--dtype to choose).
+
+PEFT: PEFT has one rank r for every expert, so each expert's active slots are padded with zeros up to
+the largest active rank in the model (the function is unchanged; the file is larger than the active
+adapter, and the command prints both sizes). A trained router travels as PEFT's modules_to_save,
+which vLLM refuses: --vllm insists on a run trained with freeze_router (or use the merged export).
 """
 import argparse
 import json
@@ -53,14 +61,18 @@ def source_dtype(cfg: moe.MoEConfig) -> torch.dtype:
     return DTYPES[name]
 
 
+def refuse_nonempty(out_dir: str, overwrite: bool):
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty: choose a new folder (or overwrite=True / --overwrite)")
+
+
 def export(model, base_dir: str, out_dir: str, fused: bool | None = None, dtype: torch.dtype | None = None,
            overwrite: bool = False) -> str:
     """Merge the model's adapters INTO IT (they are removed) and write a Hugging Face folder, with the
     tokenizer files of base_dir, the checkpoint the model was loaded from.
     fused None: base_dir's expert layout; dtype None: the model's own.
     Refuses a folder that holds files unless overwrite (a stale shard index would win over ours)."""
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} is not empty: choose a new folder (or overwrite=True / --overwrite)")
+    refuse_nonempty(out_dir, overwrite)
     drlora.merge(model)
     if dtype is not None:
         model.to(dtype)
@@ -93,24 +105,161 @@ def export(model, base_dir: str, out_dir: str, fused: bool | None = None, dtype:
     return out_dir
 
 
+# -----------------------------------------------------------------------------
+# the PEFT adapter
+#
+# PEFT 0.21 adapts a fused expert parameter W (E, out, in) named in `target_parameters` with one
+# lora.ParamWrapper: lora_A.weight (E*r, in), lora_B.weight (out, E*r), and adds to W
+#     scaling * einsum("o r e, e r i -> e o i", lora_B.reshape(out, r, E), lora_A.reshape(E, r, in))
+# (ParamWrapper.get_delta_weight), scaling = lora_alpha / r (use_rslora False). So in lora_A the expert
+# is the SLOWEST index (row e*r + j is slot j of expert e), in lora_B the FASTEST (column j*E + e).
+# transformers 5 holds experts.gate_up_proj (E, 2I, H), gate rows first, and experts.down_proj (E, H, I).
+
+PEFT_FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")  # built into transformers 5, experts fused
+
+
+def padded_factors(lora, p: str, R: int):
+    """Projection p's A (E, R, d_in) and B (E, d_out, R): expert e's active slots [0, r_e), exact zeros after."""
+    keep = torch.arange(R, device=lora.ranks.device) < lora.ranks[:, None]  # (E, R)
+    A, B = lora.A[p].detach()[:, :R], lora.B[p].detach()[:, :, :R]
+    return torch.where(keep[:, :, None], A, 0), torch.where(keep[:, None, :], B, 0)
+
+
+def peft_factors(lora, r: int, b_scale: float = 1.0) -> dict:
+    """{transformers 5 parameter: (lora_A (E*r, in), lora_B (out, E*r))} for one MoE layer, every expert
+    padded to rank r. gate_up_proj carries the adapted halves (gate_proj, up_proj) side by side, half k
+    in slots [k*R, (k+1)*R) and in its own rows of B; a half that is not adapted keeps zeros in B."""
+    E, R = len(lora.r), max(lora.r)
+    out = {}
+    halves = [p for p in ("gate_proj", "up_proj") if p in lora.cfg.targets]
+    if halves:
+        I, H = lora.B[halves[0]].shape[1], lora.A[halves[0]].shape[2]
+        A = lora.A[halves[0]].new_zeros(E, r, H)
+        B = lora.B[halves[0]].new_zeros(E, 2 * I, r)
+        for k, p in enumerate(halves):
+            a, b = padded_factors(lora, p, R)
+            rows = slice(0, I) if p == "gate_proj" else slice(I, 2 * I)
+            A[:, k * R:(k + 1) * R] = a
+            B[:, rows, k * R:(k + 1) * R] = b * b_scale
+        out["gate_up_proj"] = A, B
+    if "down_proj" in lora.cfg.targets:
+        a, b = padded_factors(lora, "down_proj", R)
+        A, B = a.new_zeros(E, r, a.shape[2]), b.new_zeros(E, b.shape[1], r)
+        A[:, :R], B[:, :, :R] = a, b * b_scale
+        out["down_proj"] = A, B
+    # A (E, r, in) -> (E*r, in): expert slowest; B (E, out, r) -> (out, r, E) -> (out, r*E): expert fastest
+    return {name: (A.reshape(E * r, -1), B.permute(1, 2, 0).reshape(B.shape[1], r * E))
+            for name, (A, B) in out.items()}
+
+
+def export_peft(model, base_dir: str, out_dir: str, vllm: bool = False, overwrite: bool = False,
+                base_name: str | None = None, dtype: torch.dtype | None = None) -> dict:
+    """Write the model's DR-LoRA adapters as a PEFT LoRA folder for base_dir's checkpoint as transformers 5
+    loads it (experts fused); the model is left as it is. One rank r for all: the largest active rank
+    (twice that when gate_proj and up_proj are both adapted: they share gate_up_proj), every expert
+    padded with zeros. lora_alpha = s * r, so PEFT's scaling alpha / r is drlora's constant s exactly
+    (else alpha = r and s is folded into lora_B). A trained router (freeze_router False) is saved as
+    modules_to_save "mlp.gate"; vllm=True refuses it, as vLLM does. LoRA dropout is not exported
+    (PEFT's ParamWrapper has none). base_name: the base as adapter_config.json names it (default base_dir);
+    dtype None: the adapter's own.
+    Returns the rank, alpha and sizes: padded parameters and bytes against the active ones."""
+    refuse_nonempty(out_dir, overwrite)
+    if model.cfg.model_type not in PEFT_FAMILIES:
+        raise ValueError(f"a PEFT adapter names the parameters of transformers' own model, which has no "
+                         f"{model.cfg.model_type!r} (only {', '.join(PEFT_FAMILIES)}): export a merged copy (--out)")
+    moe_layers = [(i, b.mlp) for i, b in enumerate(model.layers) if b.is_moe]
+    if not moe_layers or any(blk.experts.lora is None for _, blk in moe_layers):
+        raise ValueError("the model has no DR-LoRA adapters to export (drlora.load_adapter first)")
+    cfg = moe_layers[0][1].experts.lora.cfg
+    router = not cfg.freeze_router
+    if vllm and router:
+        raise ValueError("this run trained the router (freeze_router False), which a PEFT adapter can only carry "
+                         "as modules_to_save, and vLLM refuses adapters with modules_to_save ('vLLM only supports "
+                         "modules_to_save being None'). To serve with vLLM, train with freeze_router=True, or export "
+                         "a merged copy (--out) and serve that; without --vllm the PEFT export keeps the router.")
+    halves = [p for p in ("gate_proj", "up_proj") if p in cfg.targets]
+    params = (["gate_up_proj"] if halves else []) + (["down_proj"] if "down_proj" in cfg.targets else [])
+    R = max(max(blk.experts.lora.r) for _, blk in moe_layers)
+    r = R * max(len(halves), 1)
+    alpha = cfg.scale * r
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    fold = alpha / r != cfg.scale  # PEFT computes lora_alpha / r: use it only where it gives s exactly
+    if fold:
+        alpha = r
+    # PEFT (BaseTuner._inject_parameters) wraps the experts module's parameters in the order they were
+    # registered (gate_up_proj, then down_proj), each new ParamWrapper around the last: the first one's
+    # LoRA sits one `base_layer.` deeper in the saved keys.
+    nest = {name: "base_layer." * (len(params) - 1 - k) for k, name in enumerate(params)}
+    tensors, active, router_numel = {}, 0, 0
+    for i, blk in moe_layers:
+        lora = blk.experts.lora
+        prefix = f"base_model.model.model.layers.{i}.mlp."
+        for name, (A, B) in peft_factors(lora, r, cfg.scale if fold else 1.0).items():
+            tensors[f"{prefix}experts.{nest[name]}lora_A.weight"] = A.to("cpu", dtype or A.dtype).contiguous()
+            tensors[f"{prefix}experts.{nest[name]}lora_B.weight"] = B.to("cpu", dtype or B.dtype).contiguous()
+        for p in cfg.targets:
+            d_out, d_in = lora.B[p].shape[1], lora.A[p].shape[2]
+            active += int(lora.ranks.sum()) * (d_in + d_out)
+        if router:  # PEFT saves a modules_to_save copy under the module's own name
+            for k, v in blk.gate.state_dict().items():
+                tensors[f"{prefix}gate.{k}"] = v.detach().to("cpu", dtype or v.dtype).contiguous()
+                router_numel += v.numel()
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_name or base_dir,
+                  r=r, lora_alpha=alpha, lora_dropout=0.0, use_rslora=False, use_dora=False, bias="none",
+                  fan_in_fan_out=False, init_lora_weights=True, inference_mode=True, target_modules=[],
+                  target_parameters=[f"mlp.experts.{name}" for name in params],
+                  modules_to_save=["mlp.gate"] if router else None, rank_pattern={}, alpha_pattern={})
+    os.makedirs(out_dir, exist_ok=True)
+    hf.write_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    itemsize = next(iter(tensors.values())).element_size()
+    padded = sum(t.numel() for k, t in tensors.items() if ".lora_" in k)
+    return dict(path=out_dir, r=r, lora_alpha=alpha, scale_folded_into_B=fold,
+                target_parameters=config["target_parameters"], modules_to_save=config["modules_to_save"],
+                params=padded, bytes=padded * itemsize,
+                active_params=active, active_bytes=active * itemsize, router_params=router_numel)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the base checkpoint: a folder or a name train.py knows (olmoe, ...)")
     p.add_argument("--adapter", required=True, help="adapter.safetensors written by train.py")
-    p.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", help="merged Hugging Face folder to write (new or empty)")
+    what.add_argument("--peft", help="PEFT adapter folder to write (new or empty)")
+    p.add_argument("--vllm", action="store_true", help="with --peft: no modules_to_save (refuses a trained router)")
     p.add_argument("--fused", choices=["auto", "true", "false"], default="auto",
-                   help="expert layout: auto = the base checkpoint's; true = gate_up_proj; false = per expert")
+                   help="merged expert layout: auto = the base checkpoint's; true = gate_up_proj; false = per expert")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights written (auto: the base's)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that holds files")
     args = p.parse_args(argv)
+    if args.vllm and not args.peft:
+        p.error("--vllm goes with --peft (a merged --out folder is served by vLLM as it is)")
+    refuse_nonempty(args.out or args.peft, args.overwrite)  # before the minutes a large base takes to load
     path = hf.find_checkpoint(args.base)
     model = hf.from_pretrained(path, dtype=torch.float32)
     cfg = drlora.load_adapter(model, args.adapter)
     ranks = [blk.experts.lora.ranks.sum().item() for blk in model.moe_layers()]
     dtype = source_dtype(model.cfg) if args.dtype == "auto" else DTYPES[args.dtype]
+    about = f"{args.adapter} ({cfg.method}, targets {','.join(cfg.targets)}, ranks per layer {ranks})"
+    if args.peft:
+        # what adapter_config.json names as its base: the folder given, or the repo id rather than a cache path
+        name = os.path.abspath(path) if os.path.isdir(args.base) else hf.KNOWN_MODELS.get(args.base, args.base)
+        info = export_peft(model, path, args.peft, vllm=args.vllm, overwrite=args.overwrite, base_name=name,
+                           dtype=dtype)
+        mib = 2 ** 20
+        print(f"wrote {args.peft}: PEFT LoRA of {about} for {name}, r={info['r']} lora_alpha={info['lora_alpha']}"
+              f"{' (scale folded into lora_B)' if info['scale_folded_into_B'] else ''}, "
+              f"{str(dtype).removeprefix('torch.')}; modules_to_save {info['modules_to_save']}\n"
+              f"  LoRA parameters padded to r: {info['params']:,} ({info['bytes'] / mib:.1f} MiB), active: "
+              f"{info['active_params']:,} ({info['active_bytes'] / mib:.1f} MiB); router {info['router_params']:,}\n"
+              f"  load with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({name!r}), {args.peft!r}) "
+              f"(pip install peft)")
+        return args.peft
     fused = source_is_fused(path) if args.fused == "auto" else args.fused == "true"
     export(model, path, args.out, fused=fused, dtype=dtype, overwrite=args.overwrite)
-    print(f"merged {args.adapter} ({cfg.method}, targets {','.join(cfg.targets)}, ranks per layer {ranks}) into {path}; "
+    print(f"merged {about} into {path}; "
           f"wrote {args.out} ({'fused' if fused else 'per-expert'} experts, {str(dtype).removeprefix('torch.')})")
     return args.out
 
