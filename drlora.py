@@ -181,6 +181,9 @@ class DRLoRA:
         self.blocks = model.moe_layers()
         L, E = len(self.blocks), model.cfg.n_experts
         self.t_warm, self.events, self.quota, self.cap = schedule(cfg, total_steps, E)
+        if cfg.freq == "weight" and not model.cfg.router_softmax:
+            raise ValueError("freq='weight' needs gate weights that are probabilities; this model weights experts "
+                             "by raw router logits (router_softmax False): use freq='count'")
         for p in model.parameters():
             p.requires_grad_(False)
         for blk in self.blocks:
@@ -422,6 +425,7 @@ def load_adapter(model, path: str) -> DRLoRAConfig:
             warnings.warn(f"{path} does not record its base model (written by an older drlora): it cannot be checked")
         else:
             saved, here = json.loads(meta["base"]), base_identity(model)
+            here["arch"] = {k: v for k, v in here["arch"].items() if k in saved["arch"]}  # fields added since
             if saved != here:
                 diff = {k: (saved["arch"].get(k), v) for k, v in here["arch"].items() if saved["arch"].get(k) != v}
                 what = f"settings that differ (adapter's base, this model): {diff}" if diff else \

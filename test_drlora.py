@@ -787,6 +787,7 @@ def test_router_trains_in_fp32_over_a_bf16_base():
     # lr 2e-5 on weights of about 0.02: each update is under half a bf16 ulp (2^-14 ~ 6e-5 at 0.02), so a bf16
     # router would hardly move. Kept in fp32, it takes AdamW's fp32 update: the first step from fresh moments
     # moves each entry by exactly -lr * g / (|g| + eps).
+    torch.manual_seed(0)
     m = tiny().to(torch.bfloat16)
     d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=1, r_target=2, r_max=4, dT=10, dropout=0.0), total_steps=100)
     with torch.no_grad():

@@ -75,8 +75,11 @@ def token_dtype(n_vocab: int) -> np.dtype:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """What the model sees before it answers: used for training data and for generation alike."""
-    return [tokenizer.eos_id] + tokenizer.encode(prompt)
+    """What the model sees before it answers: used for training data and for generation alike. It starts
+    with the tokenizer's own BOS where it has one (LLaMA, Mixtral: <s>), else with eos, the separator
+    between the documents the model was pretrained on (OLMoE, Qwen, the tiny model)."""
+    first = getattr(tokenizer, "bos_id", None)
+    return [tokenizer.eos_id if first is None else first] + tokenizer.encode(prompt)
 
 
 def encode_sample(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:

@@ -154,7 +154,11 @@ def test_save_pretrained_writes_the_published_layout(tmp_path, name):
 def test_drlora_trains_experts_and_router_module(name):
     model = hf.from_pretrained(str(FIX / name))
     exp = load_file(FIX / name / "expected.safetensors")
-    drl = drlora.DRLoRA(model, drlora.DRLoRAConfig(r_init=2, r_target=4, r_max=8, dT=2), total_steps=10)
+    freq = "weight" if model.cfg.router_softmax else "count"  # raw-logit weights are no frequency: refused
+    if freq == "count":
+        with pytest.raises(ValueError, match="use freq='count'"):
+            drlora.DRLoRA(model, drlora.DRLoRAConfig(r_init=2, r_target=4, r_max=8, dT=2), total_steps=10)
+    drl = drlora.DRLoRA(model, drlora.DRLoRAConfig(r_init=2, r_target=4, r_max=8, dT=2, freq=freq), total_steps=10)
     model.train()
     ids, mask = exp["input_ids"], exp["attention_mask"]
     targets = torch.where(mask.bool(), ids, -100)

@@ -42,6 +42,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def source_is_fused(src_dir: str) -> bool:
     """Whether the checkpoint stores experts fused (transformers 5's gate_up_proj) or per expert."""
     index = os.path.join(src_dir, "model.safetensors.index.json")
+    if not os.path.exists(index) and not os.path.exists(os.path.join(src_dir, "model.safetensors")):
+        return False  # .bin checkpoints (LLaMA-MoE) store experts one by one
     if os.path.exists(index):
         with open(index) as f:
             keys = json.load(f)["weight_map"]
