@@ -1,6 +1,6 @@
 """
 DR-LoRA: Dynamic Rank LoRA for Mixture-of-Experts fine-tuning (arXiv 2601.04823),
-exactly as ../shared/SPEC.md specifies. Everything about growing ranks lives here.
+exactly as SPEC.md specifies. Everything about growing ranks lives here.
 
     expert i, projection p (up_proj, down_proj):
 

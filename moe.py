@@ -283,11 +283,10 @@ class HeadLoss(torch.autograd.Function):
     """Mean cross-entropy of the logits h @ W.T against targets, without ever holding the
     (N, vocab) logits: ROWS rows at a time, the forward computes the loss and, while
     each chunk's softmax is at hand, the gradients dL/dh and dL/dW; the backward only scales
-    them. Same numbers as F.cross_entropy(h @ W.T) (test_moe). Why: the logits, their
-    log-softmax and their gradient are three (N, vocab) fp32 tensors, about a quarter of a
-    CPU step of bench.py's tiny OLMoE; chunked, the head and loss run 1.7x faster (forward + backward,
-    2048 tokens x 8192 vocab, 2 threads: 203 -> 117 ms; OLMoE's 50304 vocab: 1.5x) and
-    need ROWS x vocab of memory instead of N x vocab."""
+    them. Same numbers as F.cross_entropy(h @ W.T) (tests/test_moe.py). Why: the logits, their
+    log-softmax and their gradient are three (N, vocab) fp32 tensors that dominate a fine-tune
+    step's memory at a large vocabulary; chunked, they need ROWS x vocab instead of N x vocab,
+    and writing the gradient while the softmax is at hand saves a pass over them."""
 
     @staticmethod
     def forward(ctx, h, W, targets, grad: bool):  # h (N, H), W (vocab, H), targets (N,)
@@ -325,7 +324,7 @@ class HeadLoss(torch.autograd.Function):
         dW = (dW * grad_loss).to(ctx.W_dtype) if dW is not None else None
         return dh, dW, None, None
 
-    ROWS = 256  # rows per chunk: 8 MiB of fp32 logits at bench.py's vocab (8192), 51 MiB at OLMoE's (50304)
+    ROWS = 256  # rows per chunk: 51 MiB of fp32 logits at OLMoE's vocab (50304)
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""drlora.py against ../shared/SPEC.md. Every expected number is worked out here, by hand,
+"""drlora.py against SPEC.md. Every expected number is worked out here, by hand,
 in a comment next to the assertion; none is copied from the code's output. Tiny models on
 the CPU; two real processes on gloo for the data-parallel test."""
 import io

@@ -3,8 +3,8 @@
     prompt: "Question: Mia has 3 apples. She buys 5 more. How many apples does Mia have now?\\nAnswer:"
     answer: " 3 + 5 = 8\\n#### 8"   (then eos; the last line is GSM8K's answer format)
 
-- One-digit operands: CPU_BUDGET.md measured that two-digit problems with carries are not learnt
-  in minutes. Operations: + (buys, finds, is given), - (gives away, loses; never below zero) and
+- One-digit operands: two-digit problems with carries were not learnt in minutes on a CPU
+  (about 2 % exact match, RESULTS.md). Operations: + (buys, finds, is given), - (gives away, loses; never below zero) and
   * (boxes or bags holding b each). 16 names, 12 objects, 7 templates, a fixed seed.
 - Splits are disjoint as exact prompt strings: a prompt's split is fixed by the sha256 of its text
   (common.hash_split: 5 % test, 5 % val, 90 % train), whatever the sizes and seeds.

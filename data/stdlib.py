@@ -4,7 +4,7 @@
   named site-packages / dist-packages (installed packages: 100+ MB that differ from machine to
   machine), test / tests (CPython's test suite: large, repetitive, with deliberately broken
   files) and __pycache__. idlelib is kept: it is ordinary code (its small idle_test/ folder slips
-  through the name rule; we keep it so the count matches CPU_BUDGET.md: 799 files, 12.6 MB on 3.11).
+  through the name rule; we keep it: 799 files, 12.6 MB on Python 3.11).
 - Documents: each file's exact bytes (no newline translation), preceded by eos, which plays BOS.
 - Split by file: every 20th file (indices 19, 39, ...) is validation, the rest training.
 - The stdlib differs between Python versions, so the manifest records the version, the file count,
