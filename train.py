@@ -53,7 +53,8 @@ class TrainConfig:
     seed: int = 1337
     # evaluation and logging
     eval_interval: int = 500
-    eval_samples: int = 1319  # test prompts decoded for the metric, and val samples for the loss
+    eval_samples: int = 1319  # prompts decoded for the metric, and val samples for the loss
+    eval_split: str = "test"  # where the metric is read: choose settings on "val", read "test" once at the end
     max_new_tokens: int = 512
     log_interval: int = 10
     plots: bool = True
@@ -78,7 +79,7 @@ PRESETS = {"paper": {}, "tiny": dict(steps=600, batch_size=32, grad_accum=1, blo
                                      dropout=0.0)}
 # settings that may change when resuming
 RESUMABLE = {"resume", "exit_at_step", "eval_interval", "log_interval", "ckpt_interval", "plots", "compile",
-             "eval_samples", "device", "eval_base"}
+             "eval_samples", "device", "eval_base", "eval_split"}
 
 
 def flat(cfg: TrainConfig) -> dict:
@@ -146,7 +147,7 @@ def evaluation(model, tokenizer, folder, val_set, test_set, cfg, autocast, log, 
     r, shown = evals.evaluate_task(model, tokenizer, folder, test_set, cfg.eval_samples,
                                    max_new_tokens=cfg.max_new_tokens, autocast=autocast, examples=examples)
     log(f"{what or f'eval step {step}'}: val loss {loss:.4f}, {r['metric']} {r['score']:.3f} "
-        f"({min(cfg.eval_samples, len(test_set))} test samples)")
+        f"({min(cfg.eval_samples, len(test_set))} {cfg.eval_split} samples)")
     for prompt, out, ok in shown:
         log(f"  {'ok ' if ok else 'bad'} {prompt!r} -> {out!r}")
     return {"step": step, "val_loss": loss, **r}  # r: the task's metric, its score, higher_is_better
@@ -233,14 +234,17 @@ def main(argv=None):
     folder = task_folder(cfg.task, make=master and cfg.model == "tiny")
     if ddp:
         dist.barrier()
-    train_set, val_set, test_set = (common.load_sft(os.path.join(folder, f"{s}.npz")) for s in ("train", "val", "test"))
+    if cfg.eval_split not in ("val", "test"):
+        raise ValueError(f"--eval_split must be val or test, got {cfg.eval_split!r}")
+    splits = ("train", "val", cfg.eval_split)
+    train_set, val_set, test_set = (common.load_sft(os.path.join(folder, f"{s}.npz")) for s in splits)
     made_with = train_set.manifest.get("tokenizer")
     if made_with != tokenizer.name:
         redo = common.maker(os.path.join(folder, "train.npz"))
         raise ValueError(f"{folder}/manifest.json: the data was tokenized by {made_with!r}, the model uses "
                          f"{tokenizer.name!r}; remake it for this model: `{redo}`"
                          + (f" with --model {cfg.model}" if redo.startswith("python tasks/") else ""))
-    log(f"task {cfg.task}: {len(train_set):,} train / {len(val_set):,} val / {len(test_set):,} test samples")
+    log(f"task {cfg.task}: {len(train_set):,} train / {len(val_set):,} val / {len(test_set):,} {cfg.eval_split} samples")
 
     def evaluate(step, examples=0, what=""):
         return evaluation(model, tokenizer, folder, val_set, test_set, cfg, autocast, log, step, examples, what)
