@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from data import common, sorting
+from data import common
 
 # --- answers
 
@@ -89,7 +89,7 @@ def exact_match(model, tokenizer, dataset, n: int | None = None, batch_size: int
 # --- the task's own metric
 
 
-EXTRACTORS = {"sorting": sorting.extract_answer}  # generated tasks whose answers are not numbers
+GENERATED = ("arithmetic", "sorting")  # embedded tasks: data/<name>.py reads its own answers (extract_answer)
 
 
 def evaluate_task(model, tokenizer, folder, test_set, n: int | None = None, max_new_tokens: int = 24, autocast=None,
@@ -101,7 +101,8 @@ def evaluate_task(model, tokenizer, folder, test_set, n: int | None = None, max_
     manifest = test_set.manifest
     metric = manifest.get("metric", "exact_match")
     if metric == "exact_match":
-        extract = EXTRACTORS.get(os.path.basename(os.path.normpath(folder)), extract_number)
+        name = os.path.basename(os.path.normpath(folder))
+        extract = importlib.import_module(f"data.{name}").extract_answer if name in GENERATED else extract_number
         acc, shown = exact_match(model, tokenizer, test_set, n, max_new_tokens=max_new_tokens, autocast=autocast,
                                  examples=examples, extract=extract)
         return {"metric": "accuracy", "score": acc, "higher_is_better": True}, shown

@@ -266,19 +266,6 @@ class MoE(nn.Module):
         return out.view(B, T, H), RouterOut(logits, ids, weights)
 
 
-def load_balancing_loss(routers: list[RouterOut], n_experts: int, valid=None):
-    """Switch-style auxiliary loss E * sum_e (share of slots to e) * (mean prob of e), averaged
-    over layers; used to pretrain the tiny model, not during DR-LoRA fine-tuning."""
-    total = 0.0
-    for r in routers:
-        probs = F.softmax(r.logits.float(), dim=-1)  # (N, E)
-        slots = F.one_hot(r.ids, n_experts).sum(1).float()  # (N, E): 1 where the token went to e
-        if valid is not None:
-            probs, slots = probs[valid], slots[valid]
-        total = total + n_experts * (slots.mean(0) / r.ids.shape[1] * probs.mean(0)).sum()
-    return total / max(len(routers), 1)
-
-
 class HeadLoss(torch.autograd.Function):
     """Mean cross-entropy of the logits h @ W.T against targets, without ever holding the
     (N, vocab) logits: ROWS rows at a time, the forward computes the loss and, while

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import drlora
 import evals
 import hf
-from data import common, pretrain
+from data import common
 
 # -----------------------------------------------------------------------------
 # config
@@ -211,6 +211,8 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # base model, tokenizer, data
     if cfg.model == "tiny":
+        from data import pretrain  # making the embedded base is a program of its own, run once when it is missing
+
         if master:
             pretrain.ensure_tiny_base(log=log)
         if ddp:

@@ -1,20 +1,12 @@
-"""On-disk data formats of drlora: their writers, readers and batchers.
+"""On-disk formats of fine-tuning data: SFT sets, their manifest.json, and the batches train.py reads
+(the pretraining token files are data/stdlib.py's).
 
-Each prepared folder (data/stdlib/, data/arithmetic/, ...) holds a `manifest.json` and either
-
-- pretraining token files `SPLIT.bin`: one flat array of token ids, uint16 when the vocabulary
-  fits, else uint32 (the dtype is in the manifest), read through np.memmap and cut into random
-  windows by `get_batch`, as nanoGPT does; or
-- supervised fine-tuning (SFT) sets `SPLIT.npz`: flat `tokens` (uint32), `loss_mask` (uint8, 1 on
-  answer tokens) and `offsets` (int64, n_samples + 1): sample i is tokens[offsets[i]:offsets[i+1]].
-  `sft_batch` right-pads a batch and puts -100 (PyTorch's ignore_index) on the targets that the
-  loss skips: prompt tokens and padding.
-
-A sample is `[eos] + prompt` then `answer + [eos]`: the leading eos plays BOS, as it does between
-documents in pretraining; the trailing one teaches the model to stop. Prompt and answer are encoded
-separately, exactly as the prompt is encoded alone at generation time (a BPE tokenizer could
-otherwise merge tokens across the boundary). Every reader fails loudly: it names the file, the key
-or line, and the script that makes the file.
+A prepared folder (data/arithmetic/, data/gsm8k/, ...) holds manifest.json and SPLIT.npz: flat `tokens`
+(uint32), `loss_mask` (uint8, 1 on answer tokens) and `offsets` (int64): sample i is
+tokens[offsets[i]:offsets[i+1]]. A sample is BOS + prompt, then answer + eos (which teaches the model to
+stop). Prompt and answer are encoded separately, exactly as the prompt is encoded alone at generation
+time: a BPE tokenizer could otherwise merge tokens across the boundary. Readers fail loudly, naming the
+file, key or line and the script that makes the file.
 """
 import hashlib
 import json
@@ -24,7 +16,7 @@ import warnings
 import zipfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,16 +55,6 @@ def _existing(path, hint: str | None = None) -> Path:
 
 
 # --- tokenizer duck type: encode(str) -> list[int], decode(ids) -> str, eos_id, pad_id
-
-def vocab_size(tokenizer) -> int:
-    """`vocab_size` (ByteTokenizer, transformers) or `get_vocab_size()` (tokenizers library)."""
-    n = getattr(tokenizer, "vocab_size", None)
-    return int(n) if n is not None else int(tokenizer.get_vocab_size())
-
-
-def token_dtype(n_vocab: int) -> np.dtype:
-    return np.dtype(np.uint16 if n_vocab < 2**16 else np.uint32)
-
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """What the model sees before it answers: used for training data and for generation alike. It starts
@@ -113,41 +95,6 @@ def manifest_get(manifest: dict, key: str, folder):
                              f"remake it with `{maker(Path(folder) / 'x')}`")
         value = value[part]
     return value
-
-
-# --- pretraining token files
-
-def write_tokens(path, ids: np.ndarray, dtype: np.dtype) -> None:
-    ids = np.asarray(ids)
-    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(dtype).max):
-        raise ValueError(f"token ids {ids.min()}..{ids.max()} do not fit {np.dtype(dtype).name}")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    ids.astype(dtype).tofile(path)
-
-
-def load_tokens(path) -> np.memmap:
-    """SPLIT.bin as a read-only memmap, checked against manifest.json's dtype and token count."""
-    path = _existing(path, maker(path))
-    manifest = read_manifest(path.parent)
-    dtype = np.dtype(manifest_get(manifest, "dtype", path.parent))
-    n = manifest_get(manifest, f"splits.{path.stem}.tokens", path.parent)
-    if path.stat().st_size != n * dtype.itemsize:
-        raise ValueError(f"{path} has {path.stat().st_size} bytes but manifest.json says {n} "
-                         f"{dtype.name} tokens: truncated or stale; remake it with `{maker(path)}`")
-    if n == 0:
-        raise ValueError(f"{path} is empty")
-    return np.memmap(path, dtype=dtype, mode="r")
-
-
-def get_batch(data: np.ndarray, batch_size: int, block_size: int,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows: x (B, T) int64 and its next-token targets y (B, T), y[:, t] = x[:, t+1]."""
-    if len(data) <= block_size:
-        raise ValueError(f"{len(data)} tokens are too few for windows of block_size={block_size} + 1")
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts])
-    return x, y
 
 
 # --- supervised fine-tuning sets
@@ -308,36 +255,3 @@ def exact_match(preds: Sequence, targets: Sequence) -> float:
     if len(preds) != len(targets) or not targets:
         raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
     return sum(p is not None and p == t for p, t in zip(preds, targets)) / len(targets)
-
-
-# --- JSON lines, read by the prepare scripts of downloaded data sets
-
-def read_jsonl(path, required_keys: Sequence[str] = (), skip_bad: bool = False) -> Iterator[dict]:
-    """Rows of a JSON-lines file. A malformed line (bad JSON or UTF-8, not an object, a required key
-    missing) raises with the file name and line number, or with skip_bad is skipped and counted in
-    one warning at the end. Blank lines are ignored."""
-    return _jsonl_rows(_existing(path), tuple(required_keys), skip_bad)
-
-
-def _jsonl_rows(path: Path, required: tuple[str, ...], skip_bad: bool) -> Iterator[dict]:
-    bad = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                missing = [k for k in required if k not in row]
-                if missing:
-                    raise ValueError(f"missing key(s) {missing}")
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                if not skip_bad:
-                    raise ValueError(f"{path}, line {lineno}: {e}") from e
-                bad += 1
-                continue
-            yield row
-    if bad:
-        warnings.warn(f"{path}: skipped {bad} malformed line(s)")

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 import hf
 
@@ -37,6 +38,10 @@ class PretrainConfig:
     weight_decay: float = 0.1
     aux_loss: float = 0.01  # load balancing: keeps every expert in use
     seed: int = 1337
+    # Share of training windows in which a span reappears later (repeat_spans). The stdlib alone teaches
+    # frozen attention too little copying: fine-tuning then struggles to fetch a question's operands.
+    copy_frac: float = 0.0
+    copy_len: tuple[int, int] = (16, 100)  # shortest and longest repeated span, in bytes
 
 
 def tiny_config() -> moe.MoEConfig:
@@ -44,6 +49,45 @@ def tiny_config() -> moe.MoEConfig:
     return moe.MoEConfig(model_type="olmoe", vocab_size=tok.vocab_size, hidden_size=128, n_layer=4, n_head=4,
                          n_kv_head=4, n_experts=8, top_k=2, intermediate_size=256, qk_norm="full",
                          max_seq_len=256, pad_id=tok.pad_id, eos_id=tok.eos_id, tokenizer="byte")
+
+
+def load_balancing_loss(routers: list[moe.RouterOut], n_experts: int, valid=None):
+    """Switch-style auxiliary loss E * sum_e (share of slots to e) * (mean prob of e), averaged
+    over layers; used to pretrain the tiny model, not during DR-LoRA fine-tuning."""
+    total = 0.0
+    for r in routers:
+        probs = F.softmax(r.logits.float(), dim=-1)  # (N, E)
+        slots = F.one_hot(r.ids, n_experts).sum(1).float()  # (N, E): 1 where the token went to e
+        if valid is not None:
+            probs, slots = probs[valid], slots[valid]
+        total = total + n_experts * (slots.mean(0) / r.ids.shape[1] * probs.mean(0)).sum()
+    return total / max(len(routers), 1)
+
+
+def repeat_spans(x: torch.Tensor, y: torch.Tensor, frac: float, lengths: tuple[int, int],
+                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """In a share `frac` of the windows, overwrite a later stretch with an exact copy of an earlier
+    span of the same window: predicting the copy rewards attention that finds where the text occurred
+    before and reads what followed (induction heads), the skill that copies a question's numbers."""
+    w = torch.cat([x, y[:, -1:]], 1)  # the window of T + 1 bytes that x and y are cut from
+    T = x.shape[1]
+    for row in range(len(w)):
+        if torch.rand(1, generator=g).item() < frac:
+            n = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g))
+            i = int(torch.randint(0, T + 1 - 2 * n, (1,), generator=g))  # source span [i, i + n)
+            j = int(torch.randint(i + n, T + 2 - n, (1,), generator=g))  # its copy [j, j + n), after it
+            w[row, j:j + n] = w[row, i:i + n].clone()
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+@torch.no_grad()
+def copy_loss(model, n: int = 32, length: int = 100, seed: int = 0) -> dict:
+    """Loss (nats/byte) on random printable strings shown twice: a model that copies predicts the
+    second showing far better than the first, which nothing predicts (ln 95 = 4.55)."""
+    s = torch.randint(32, 127, (n, length), generator=torch.Generator().manual_seed(seed))
+    ids = torch.cat([s, s], 1)
+    nll = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return {"first": nll[:, :length - 1].mean().item(), "second": nll[:, length:].mean().item()}
 
 
 @torch.no_grad()
@@ -69,7 +113,7 @@ def pretrain(out_dir: str = BASE_DIR, cfg: PretrainConfig | None = None, log=pri
     cfg = cfg or PretrainConfig()
     torch.manual_seed(cfg.seed)
     corpus = stdlib.prepare() if not os.path.exists(stdlib.OUT_DIR / "manifest.json") else common.read_manifest(stdlib.OUT_DIR)
-    train, val = common.load_tokens(stdlib.OUT_DIR / "train.bin"), common.load_tokens(stdlib.OUT_DIR / "val.bin")
+    train, val = stdlib.load_tokens(stdlib.OUT_DIR / "train.bin"), stdlib.load_tokens(stdlib.OUT_DIR / "val.bin")
     log(f"pretraining corpus: {corpus['files']} stdlib files, {corpus['bytes']:,} bytes, sha256 {corpus['sha256'][:12]}")
     model = moe.MoETransformer(tiny_config())
     model.init_weights(seed=cfg.seed)
@@ -85,7 +129,7 @@ def pretrain(out_dir: str = BASE_DIR, cfg: PretrainConfig | None = None, log=pri
         with torch.no_grad():
             losses = []
             for _ in range(n_batches):
-                x, y = common.get_batch(val, cfg.batch_size, cfg.block_size, gv)
+                x, y = stdlib.get_batch(val, cfg.batch_size, cfg.block_size, gv)
                 losses.append(model(x, targets=y).loss)
         model.train()
         return torch.stack(losses).mean().item()
@@ -95,9 +139,9 @@ def pretrain(out_dir: str = BASE_DIR, cfg: PretrainConfig | None = None, log=pri
             cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - cfg.warmup) / (cfg.steps - cfg.warmup))))
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = common.get_batch(train, cfg.batch_size, cfg.block_size, g)
+        x, y = stdlib.get_batch(train, cfg.batch_size, cfg.block_size, g)
         out = model(x, targets=y)
-        loss = out.loss + cfg.aux_loss * moe.load_balancing_loss(out.routers, model.cfg.n_experts)
+        loss = out.loss + cfg.aux_loss * load_balancing_loss(out.routers, model.cfg.n_experts)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -110,8 +154,11 @@ def pretrain(out_dir: str = BASE_DIR, cfg: PretrainConfig | None = None, log=pri
     model.eval()
     result = {"config": asdict(cfg), "val_loss": val_loss(), "seconds": time.time() - t0, "corpus": corpus}
     result["routing"] = routing_by_kind(model)
+    result["copy_loss"] = copy_loss(model)
     tv, base = result["routing"]["tv_code_prose"], result["routing"]["tv_code_code"]
     log(f"pretraining done in {result['seconds']:.0f}s: val loss {result['val_loss']:.3f} nats/byte")
+    log(f"copying: a repeated random string costs {result['copy_loss']['first']:.2f} nats/byte the first time, "
+        f"{result['copy_loss']['second']:.2f} the second")
     log("expert specialisation, TV distance of routing per layer: code vs prose "
         f"{[round(v, 3) for v in tv]}, baseline code vs other code {[round(v, 3) for v in base]}")
     tmp = out_dir + ".tmp"

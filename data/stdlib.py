@@ -26,6 +26,7 @@ import tokenize
 from pathlib import Path
 
 import numpy as np
+import torch
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,6 +35,51 @@ from hf import ByteTokenizer  # noqa: E402
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
 OUT_DIR = common.DATA_DIR / "stdlib"
+
+
+def vocab_size(tokenizer) -> int:
+    """`vocab_size` (ByteTokenizer, transformers) or `get_vocab_size()` (tokenizers library)."""
+    n = getattr(tokenizer, "vocab_size", None)
+    return int(n) if n is not None else int(tokenizer.get_vocab_size())
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    return np.dtype(np.uint16 if n_vocab < 2**16 else np.uint32)
+
+
+# --- the pretraining token files: SPLIT.bin, one flat array of token ids (the dtype in manifest.json)
+
+def write_tokens(path, ids: np.ndarray, dtype: np.dtype) -> None:
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(dtype).max):
+        raise ValueError(f"token ids {ids.min()}..{ids.max()} do not fit {np.dtype(dtype).name}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ids.astype(dtype).tofile(path)
+
+
+def load_tokens(path) -> np.memmap:
+    """SPLIT.bin as a read-only memmap, checked against manifest.json's dtype and token count."""
+    path = common._existing(path, common.maker(path))
+    manifest = common.read_manifest(path.parent)
+    dtype = np.dtype(common.manifest_get(manifest, "dtype", path.parent))
+    n = common.manifest_get(manifest, f"splits.{path.stem}.tokens", path.parent)
+    if path.stat().st_size != n * dtype.itemsize:
+        raise ValueError(f"{path} has {path.stat().st_size} bytes but manifest.json says {n} "
+                         f"{dtype.name} tokens: truncated or stale; remake it with `{common.maker(path)}`")
+    if n == 0:
+        raise ValueError(f"{path} is empty")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows: x (B, T) int64 and its next-token targets y (B, T), y[:, t] = x[:, t+1]."""
+    if len(data) <= block_size:
+        raise ValueError(f"{len(data)} tokens are too few for windows of block_size={block_size} + 1")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts])
+    return x, y
 
 
 def list_files(root=None) -> list[Path]:
@@ -73,15 +119,15 @@ def prepare(out_dir=OUT_DIR, root=None, tokenizer=None, val_every: int = 20) -> 
         splits[split]["bytes"] += len(raw)
     if not parts["val"]:
         raise ValueError(f"{len(files)} files give no validation file with val_every={val_every}")
-    dtype = common.token_dtype(common.vocab_size(tokenizer))
+    dtype = token_dtype(vocab_size(tokenizer))
     for split, arrays in parts.items():
         ids = np.concatenate(arrays)
-        common.write_tokens(Path(out_dir) / f"{split}.bin", ids, dtype)
+        write_tokens(Path(out_dir) / f"{split}.bin", ids, dtype)
         splits[split]["tokens"] = len(ids)
     manifest = {
         "source": f"python {sys.version.split()[0]} stdlib *.py at {root}",
         "python": sys.version.split()[0], "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
-        "vocab_size": common.vocab_size(tokenizer), "dtype": dtype.name,
+        "vocab_size": vocab_size(tokenizer), "dtype": dtype.name,
         "excluded_dirs": sorted(EXCLUDED_DIRS), "val_every": val_every,
         "files": len(files), "bytes": sum(s["bytes"] for s in splits.values()),
         "sha256": sha.hexdigest(), "splits": splits, "seconds": round(time.time() - t0, 2),

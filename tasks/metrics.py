@@ -17,11 +17,12 @@ import torch
 
 import evals
 from data import common
+from tasks import prepare
 
 
 def load_jsonl(path) -> list[dict]:
     """A task's side file (test_choices.jsonl, ...): bad lines raise with the file and line number."""
-    return list(common.read_jsonl(path))
+    return list(prepare.read_jsonl(path))
 
 
 # --- multiple choice
@@ -104,7 +105,7 @@ def generate_responses(model, tokenizer, prompts_file, out_file, max_new_tokens:
                        autocast=None) -> int:
     """Greedy responses to test_prompts.jsonl (IFEval), written as the {prompt, response} lines that
     IFEval's scorer reads (--input_response_data). Returns how many."""
-    rows = list(common.read_jsonl(prompts_file, ("prompt", "prompt_ids")))
+    rows = list(prepare.read_jsonl(prompts_file, ("prompt", "prompt_ids")))
     texts = evals.greedy(model, tokenizer, [r["prompt_ids"] for r in rows], max_new_tokens, batch_size, autocast)
     tmp = str(out_file) + ".tmp"
     with open(tmp, "w") as f:

@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from tasks import chat as chat_format
 from data import common
@@ -49,6 +49,39 @@ class Task:
     prompts_only_test: bool = False  # test rows are prompts without answers (IFEval): test.npz is held out from train
     add_args: Callable | None = None  # (parser) -> None: the task's own flags
     finish: Callable | None = None  # (train, test, args): steps that need every row (LEDGAR's label set)
+
+
+# --- JSON lines, read by the prepare scripts of downloaded data sets
+
+def read_jsonl(path, required_keys: Sequence[str] = (), skip_bad: bool = False) -> Iterator[dict]:
+    """Rows of a JSON-lines file. A malformed line (bad JSON or UTF-8, not an object, a required key
+    missing) raises with the file name and line number, or with skip_bad is skipped and counted in
+    one warning at the end. Blank lines are ignored."""
+    return _jsonl_rows(common._existing(path), tuple(required_keys), skip_bad)
+
+
+def _jsonl_rows(path: Path, required: tuple[str, ...], skip_bad: bool) -> Iterator[dict]:
+    bad = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                missing = [k for k in required if k not in row]
+                if missing:
+                    raise ValueError(f"missing key(s) {missing}")
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                if not skip_bad:
+                    raise ValueError(f"{path}, line {lineno}: {e}") from e
+                bad += 1
+                continue
+            yield row
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} malformed line(s)")
 
 
 # --- small helpers for the row functions

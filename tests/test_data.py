@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from data import arithmetic, common, sorting, stdlib
+from tasks import prepare
 
 EOS, PAD = 256, 257
 # two hand-made samples: (prompt_ids, answer_ids), answers end in eos
@@ -78,9 +79,9 @@ def test_missing_files_name_the_path_and_the_script(tmp_path):
         common.load_sft(path)
     path = tmp_path / "stdlib" / "val.bin"
     with pytest.raises(FileNotFoundError, match=re.escape(str(path)) + ".*python data/stdlib.py"):
-        common.load_tokens(path)
+        stdlib.load_tokens(path)
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "x.jsonl"))):
-        common.read_jsonl(tmp_path / "x.jsonl")
+        prepare.read_jsonl(tmp_path / "x.jsonl")
 
 
 def test_maker_names_the_recorded_command_else_a_sensible_script(tmp_path):
@@ -147,13 +148,13 @@ def test_read_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "raw.jsonl"
     path.write_text('{"q": 1, "a": 2}\n\n{"q": 3\n{"q": 4}\n[1, 2]\n{"q": 5, "a": 6}\n')
     with pytest.raises(ValueError, match=re.escape(f"{path}, line 3")):
-        list(common.read_jsonl(path, ["q", "a"]))
+        list(prepare.read_jsonl(path, ["q", "a"]))
     with pytest.warns(UserWarning, match="skipped 3 malformed line"):
-        rows = list(common.read_jsonl(path, ["q", "a"], skip_bad=True))
+        rows = list(prepare.read_jsonl(path, ["q", "a"], skip_bad=True))
     assert rows == [{"q": 1, "a": 2}, {"q": 5, "a": 6}]
     path.write_text('{"q": 1, "a": 2}\n{"q": 4}\n')
     with pytest.raises(ValueError, match=r"line 2: missing key\(s\) \['a'\]"):
-        list(common.read_jsonl(path, ["q", "a"]))
+        list(prepare.read_jsonl(path, ["q", "a"]))
 
 
 # --- pretraining corpus
@@ -183,9 +184,9 @@ def test_stdlib_prepare_counts_and_split(tmp_path):
     assert m["files"] == 4 and m["bytes"] == 6 + 22 + 9 + nbytes["z.py"] and m["dtype"] == "uint16"
     assert m["splits"]["train"] == {"files": 2, "bytes": 15, "tokens": 15 + 2}  # + one eos per file
     assert m["splits"]["val"]["tokens"] == 22 + nbytes["z.py"] + 2
-    val = common.load_tokens(tmp_path / "out" / "val.bin")
+    val = stdlib.load_tokens(tmp_path / "out" / "val.bin")
     assert val.tolist() == [EOS] + list(files["b/c.py"].encode()) + [EOS] + list(files["z.py"].encode())
-    train = common.load_tokens(tmp_path / "out" / "train.bin")
+    train = stdlib.load_tokens(tmp_path / "out" / "train.bin")
     assert train.tolist() == [EOS] + list(b"x = 1\n") + [EOS] + list("s = 'é'\n".encode())
     m2 = stdlib.prepare(tmp_path / "out2", root=tmp_path / "lib", val_every=2)
     assert m2["sha256"] == m["sha256"]
@@ -196,25 +197,25 @@ def test_stdlib_prepare_counts_and_split(tmp_path):
 def test_load_tokens_detects_truncation_and_get_batch_shifts(tmp_path):
     make_fake_stdlib(tmp_path / "lib")
     stdlib.prepare(tmp_path / "out", root=tmp_path / "lib", val_every=2)
-    data = common.load_tokens(tmp_path / "out" / "val.bin")
-    x, y = common.get_batch(data, 4, 8, torch.Generator().manual_seed(0))
+    data = stdlib.load_tokens(tmp_path / "out" / "val.bin")
+    x, y = stdlib.get_batch(data, 4, 8, torch.Generator().manual_seed(0))
     assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 8)
     assert torch.equal(x[:, 1:], y[:, :-1])
     whole = data.tolist()
     for row in x.tolist() + y.tolist():
         assert any(whole[i:i + 8] == row for i in range(len(whole) - 7))
     with pytest.raises(ValueError, match="too few"):
-        common.get_batch(data, 1, len(data))
+        stdlib.get_batch(data, 1, len(data))
     path = tmp_path / "out" / "val.bin"
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(ValueError, match="truncated or stale"):
-        common.load_tokens(path)
+        stdlib.load_tokens(path)
 
 
 def test_token_dtype_and_range():
-    assert common.token_dtype(258) == np.uint16 and common.token_dtype(70_000) == np.uint32
+    assert stdlib.token_dtype(258) == np.uint16 and stdlib.token_dtype(70_000) == np.uint32
     with pytest.raises(ValueError, match="do not fit uint16"):
-        common.write_tokens("/nonexistent/x.bin", np.array([70_000]), np.dtype(np.uint16))
+        stdlib.write_tokens("/nonexistent/x.bin", np.array([70_000]), np.dtype(np.uint16))
 
 
 def test_split_kinds_by_hand():

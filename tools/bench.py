@@ -24,6 +24,10 @@ expert width 128, vocab 8192), batch 8 x 256 tokens, fp32, 2 threads:
    fp32 matmul rate, measured by a 2048^3 matmul once per round of section 1.
 5. On CUDA only: an OLMoE-1B-7B-shaped model, bf16 autocast, sequence 4096, with and
    without gradient checkpointing (MFU against 989 TFLOP/s bf16 dense, H100/H200).
+6. Not timed: aten operators per MoE layer per fine-tune step (64 experts top-8, widths
+   256/128), for the per-expert loop and the grouped path (`python bench.py --ops` alone).
+   Each operator is at least one kernel launch on a GPU, so this counts what a GPU step pays
+   in launches and Python overhead, whatever this machine's speed.
 
 Peak memory on CPU: each configuration runs in a fresh subprocess. After the imports
 and one step of a tiny model of the same kind (lazy imports, first-use set-up, library
@@ -44,6 +48,9 @@ descheduled, and steps come out 3x to 15x slower in bursts; interleaving keeps t
 ratios fairer than the absolute figures, but only a quiet machine gives clean numbers.
 """
 import argparse
+import collections
+import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -54,6 +61,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
@@ -537,14 +545,18 @@ def section_scaling(experts, topks, rounds: int, warmup: int):
 # 5. GPU: an OLMoE-1B-7B-shaped model
 
 
+def olmoe_1b_7b() -> moe.MoEConfig:
+    """OLMoE-1B-7B's shape (allenai/OLMoE-1B-7B-0924's config.json), for random weights."""
+    return moe.MoEConfig(model_type="olmoe", vocab_size=50304, hidden_size=2048, n_layer=16, n_head=16, n_kv_head=16,
+                         n_experts=64, top_k=8, intermediate_size=1024, max_seq_len=4096)
+
+
 def section_gpu(steps: int = 5, warmup: int = 2):
     print("### 5. GPU: OLMoE-1B-7B shape, random weights, bf16 autocast, batch 1 x 4096\n")
     if not torch.cuda.is_available():
         print("skipped: no CUDA device here (run `python bench.py` on a CUDA machine for this section).\n")
         return
-    cfg = moe.MoEConfig(model_type="olmoe", vocab_size=50304, hidden_size=2048, n_layer=16, n_head=16, n_kv_head=16,
-                        n_experts=64, top_k=8, intermediate_size=1024, max_seq_len=4096)
-    model, drl, opt = shaped_model(cfg, "cuda")
+    model, drl, opt = shaped_model(olmoe_1b_7b(), "cuda")
     rows = []
     for ckpt in (False, True):
         torch.cuda.empty_cache()
@@ -563,9 +575,10 @@ def section_gpu(steps: int = 5, warmup: int = 2):
     table(["setting", "tokens/s", "step ms [min..max]", "peak GiB (allocated)", "MFU vs 989 TFLOP/s"], rows)
 
 
-def shaped_model(cfg: moe.MoEConfig, device: str):
-    """A model of cfg's shape with random bf16 weights drawn on device, DR-LoRA r 8 -> 16 (r_max 32)
-    at its "end" point of growth, and AdamW: what section 5 times (test_bench runs it tiny on the CPU)."""
+def shaped_model(cfg: moe.MoEConfig, device: str, lcfg: drlora.DRLoRAConfig | None = None, pattern="end"):
+    """A model of cfg's shape with random bf16 weights drawn on device, then attach(): by default DR-LoRA
+    r 8 -> 16 (r_max 32) at its "end" point of growth, and AdamW: what section 5 times (test_bench runs
+    it tiny on the CPU; tools/gpu_check.py compares it with transformers + PEFT)."""
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: no 28 GB fp32 copy on the way
     try:
         with torch.device(device):
@@ -578,21 +591,28 @@ def shaped_model(cfg: moe.MoEConfig, device: str):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
-    drl = drlora.DRLoRA(model, drlora.DRLoRAConfig(r_init=8, r_target=16, r_max=32), total_steps=TOTAL_STEPS)
-    for l, blk in enumerate(model.moe_layers()):
-        blk.experts.lora.set_ranks(torch.tensor(rank_pattern("end", cfg.n_experts, l), device=device))
+    return (model, *attach(model, lcfg or drlora.DRLoRAConfig(r_init=8, r_target=16, r_max=32), pattern))
+
+
+def attach(model, lcfg: drlora.DRLoRAConfig, pattern: str | None = "end"):
+    """Fresh adapters on every MoE layer (replacing any), ranks set to a point of growth (rank_pattern;
+    None: every expert at r_init), and AdamW over them. Returns (DRLoRA, optimizer)."""
+    drl = drlora.DRLoRA(model, lcfg, total_steps=TOTAL_STEPS)
+    if pattern:
+        device = model.lm_head.weight.device
+        for l, blk in enumerate(model.moe_layers()):
+            blk.experts.lora.set_ranks(torch.tensor(rank_pattern(pattern, model.cfg.n_experts, l), device=device))
     opt = torch.optim.AdamW(drl.trainable_parameters(), lr=LR, weight_decay=0)
     model.train()
-    return model, drl, opt
+    return drl, opt
 
 
-def shaped_steps(model, drl, opt, seq: int, ckpt: bool, warmup: int, steps: int):
-    """warmup + steps DR-LoRA steps on one random sequence of seq tokens, in bf16 autocast, with or
+def shaped_steps(model, drl, opt, seq: int, ckpt: bool, warmup: int, steps: int, batch: int = 1):
+    """warmup + steps DR-LoRA steps on one random batch of batch x seq tokens, in bf16 autocast, with or
     without gradient checkpointing. Returns (seconds of the timed steps, model FLOPs per step)."""
     device = model.lm_head.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randint(0, model.cfg.vocab_size, (1, seq + 1), device=device, generator=g)
+    x = shaped_batch(model, batch, seq)
     model.gradient_checkpointing = ckpt
     t, times = drl.t_warm + 1, []
     for i in range(warmup + steps):
@@ -609,7 +629,122 @@ def shaped_steps(model, drl, opt, seq: int, ckpt: bool, warmup: int, steps: int)
         t += 1
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return times, step_flops(model.cfg, seq, seq, drl.ranks.float().mean().item(), drl.cfg.targets)[1]
+    flops = step_flops(model.cfg, batch * seq, seq, drl.ranks.float().mean().item(), drl.cfg.targets)[1]
+    return times, flops
+
+
+def shaped_batch(model, batch: int, seq: int):
+    """(batch, seq + 1) random token ids, drawn on the model's device (seed 0)."""
+    device = model.lm_head.weight.device
+    g = torch.Generator(device=device).manual_seed(0)
+    return torch.randint(0, model.cfg.vocab_size, (batch, seq + 1), device=device, generator=g)
+
+
+# -----------------------------------------------------------------------------
+# 6. operators per step: what a GPU pays in kernel launches, counted without timing anything
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators run inside it (forward, backward and optimizer alike): `ops` maps
+    an operator's name (aten.mm.default, ...) to its calls. On a GPU each is one or more kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(model, drl, opt, x, y, t: int, autocast=None) -> dict:
+    """The aten operators of one fine-tune step, in drlora.train_step's order, by phase:
+    {phase: Counter(operator -> calls)}. t must not be a growth event."""
+    phases = {}
+
+    @contextlib.contextmanager
+    def phase(name):
+        with OpCounter() as c:
+            yield
+        phases[name] = c.ops
+
+    with phase("forward"), autocast or contextlib.nullcontext():
+        out = model(x, targets=y)
+    with phase("observe"):
+        drl.observe(out.routers)
+    with phase("backward"):
+        out.loss.backward()
+    with phase("DR-LoRA step"):
+        assert drl.step(t) is None, "a growth event fell in a counted step"
+    with phase("clip + AdamW"):
+        torch.nn.utils.clip_grad_norm_(drl.trainable_parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return phases
+
+
+OPS_E, OPS_K, OPS_BATCH, OPS_SEQ = 64, 8, 4, 256  # OLMoE's experts and top-k at the tiny widths
+
+
+def moe_layer_ops(grouped: bool) -> dict:
+    """aten operators per MoE layer of one DR-LoRA fine-tune step (ranks at the "end" point, 8..32),
+    by phase: the step of a 2-block stack minus that of a 1-block one, so that what does not repeat
+    per layer (embedding, head and loss, the optimizer's set-up) cancels. A block is attention + MoE:
+    its attention's operators (the same on both paths) are in the figure. fp32, CPU."""
+    saved = moe.Experts.grouped
+    moe.Experts.grouped = grouped
+    try:
+        steps = []
+        for n_layer in (1, 2):
+            run = Ours(dataclasses.replace(tiny_olmoe(OPS_E, OPS_K), n_layer=n_layer), {}, "end", True)
+            b = torch.randint(0, 8192, (OPS_BATCH, OPS_SEQ + 1), generator=torch.Generator().manual_seed(0))
+            steps.append(step_ops(run.model, run.drl, run.opt, b[:, :-1], b[:, 1:], run.t))
+        # the MoE block alone (router, dispatch, experts, adapters, combine), forward and backward, on an
+        # input that needs a gradient as every layer's but the first does
+        x = torch.randn(OPS_BATCH, OPS_SEQ, run.model.cfg.hidden_size, requires_grad=True)
+        with OpCounter() as alone:
+            run.model.moe_layers()[0](x)[0].sum().backward()
+    finally:
+        moe.Experts.grouped = saved
+    if grouped and not moe.Experts.grouped:
+        raise RuntimeError("the grouped path fell back to the loop (see the warning): its count would be the loop's")
+    return {**{name: steps[1][name] - steps[0][name] for name in steps[1]}, "MoE block alone": alone.ops}
+
+
+def kernel_ops(ops: collections.Counter) -> int:
+    """Calls of operators that compute (views, which only re-describe a tensor, left out): on a GPU,
+    each is at least one kernel launch."""
+    return sum(n for name, n in ops.items() if not _op(name).is_view)
+
+
+def _op(name: str):  # "aten.mm.default" -> torch.ops.aten.mm.default
+    ns, op, overload = name.split(".")
+    return getattr(getattr(getattr(torch.ops, ns), op), overload)
+
+
+def section_ops():
+    loop, grouped = moe_layer_ops(False), moe_layer_ops(True)
+    print(f"### 6. aten operators per MoE layer per fine-tune step ({OPS_E} experts top-{OPS_K}, hidden 256, "
+          f"expert width 128, batch {OPS_BATCH} x {OPS_SEQ}, fp32, DR-LoRA ranks 8..32 on up+down)\n")
+    rows = []
+    phases = [name for name in loop if name != "MoE block alone"]
+    for name in phases + ["total", "MoE block alone"]:
+        a, b = ([loop[name]], [grouped[name]]) if name != "total" else ([loop[p] for p in phases],
+                                                                      [grouped[p] for p in phases])
+        a_all, b_all = sum(sum(c.values()) for c in a), sum(sum(c.values()) for c in b)
+        a_k, b_k = sum(kernel_ops(c) for c in a), sum(kernel_ops(c) for c in b)
+        rows.append([name, a_all, b_all, f"{a_all / b_all:.1f}x", a_k, b_k, f"{a_k / b_k:.1f}x"])
+    table(["phase", "loop: operators", "grouped", "loop / grouped", "loop: computing operators", "grouped",
+           "loop / grouped"], rows)
+    gmm = sum(n for p in phases for op, n in grouped[p].items() if "grouped_mm" in op)
+    print(f"Per layer = the step of 2 blocks minus that of 1 (attention's operators included, alike on both "
+          f"paths); the last row: the MoE block's forward and backward alone (moe.MoE on a (4, 256, 256) input "
+          f"that needs a gradient, plus the sum taken as its loss). Counted with a TorchDispatchMode, not timed. "
+          f"Computing operators leave out views (view, "
+          f"transpose, detach, ...), which launch no kernel on a GPU. The grouped path runs {gmm} grouped_mm calls "
+          f"per layer and step (3 expert projections and 2 per adapted one forward; their input and adapter "
+          f"gradients backward).\n")
+    return loop, grouped
 
 
 # -----------------------------------------------------------------------------
@@ -624,12 +759,15 @@ def main():
     ap.add_argument("--no-reference", action="store_true", help="skip transformers + PEFT")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--no-scaling", action="store_true", help="skip section 3")
+    ap.add_argument("--ops", action="store_true", help="only section 6 (operator counts; nothing timed)")
     ap.add_argument("--memory-child", default="", help=argparse.SUPPRESS)  # internal: one memory measurement
     ap.add_argument("--ckpt", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child(args.memory_child, args.ckpt or None)
+    if args.ops:
+        return section_ops()
 
     start = time.time()
     rounds = args.rounds or (3 if args.quick else 12)
@@ -673,6 +811,7 @@ def main():
         experts, topks = ((8, 64), (1, 8)) if args.quick else ((8, 16, 32, 64), (1, 2, 4, 8))
         section_scaling(experts, topks, rounds=3 if args.quick else 5, warmup=1)
     section_gpu()
+    section_ops()
     load = os.getloadavg()[0]
     print(f"total wall time {time.time() - start:.0f} s; load average at end {load:.1f}"
           + (f" (above {os.cpu_count()}: other processes shared the CPUs; absolute figures are pessimistic, "
