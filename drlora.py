@@ -58,16 +58,14 @@ class DRLoRAConfig:
         self.targets = tuple(self.targets)
         if self.method == "lora":
             self.r_init = self.r_target
-        checks = [(self.method in ("drlora", "lora"), f"method must be drlora or lora, got {self.method!r}"),
-                  (self.saliency in ("fg", "f", "g"), f"saliency must be fg, f or g, got {self.saliency!r}"),
-                  (self.freq in ("weight", "count"), f"freq must be weight or count, got {self.freq!r}"),
-                  (self.allocation in ("layer", "global"), f"allocation must be layer or global, got {self.allocation!r}"),
-                  (1 <= self.r_init <= self.r_target, f"need 1 <= r_init <= r_target, got r_init={self.r_init}, r_target={self.r_target}"),
-                  (self.r_target <= self.r_max, f"need r_target <= r_max, got r_target={self.r_target}, r_max={self.r_max}"),
-                  (set(self.targets) <= {"gate_proj", "up_proj", "down_proj"} and self.targets, f"bad targets {self.targets}")]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        for name, allowed in (("method", ("drlora", "lora")), ("saliency", ("fg", "f", "g")),
+                              ("freq", ("weight", "count")), ("allocation", ("layer", "global"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 1 <= self.r_init <= self.r_target <= self.r_max:
+            raise ValueError(f"need 1 <= r_init <= r_target <= r_max, got {self.r_init}, {self.r_target}, {self.r_max}")
+        if not self.targets or not set(self.targets) <= {"gate_proj", "up_proj", "down_proj"}:
+            raise ValueError(f"targets must be among gate_proj, up_proj, down_proj, got {self.targets}")
 
 
 def _plain(cfg: DRLoRAConfig) -> dict:
@@ -386,7 +384,8 @@ def base_identity(model) -> dict:
     so that a same-shaped other model (another family, or another fine-tune of the same) is refused."""
     arch = {k: v for k, v in asdict(model.cfg).items() if k != "hf"}
     rows = model.embed_tokens.weight[:8].detach().to("cpu", torch.bfloat16)  # a checkpoint's bf16 bits
-    return {"arch": json.loads(json.dumps(arch)), "embed_sha256": hashlib.sha256(rows.view(torch.int16).numpy()).hexdigest()}
+    return {"arch": json.loads(json.dumps(arch)),
+            "embed_sha256": hashlib.sha256(rows.view(torch.int16).numpy()).hexdigest()}
 
 
 def save_adapter(model, path: str, cfg: DRLoRAConfig):
@@ -403,8 +402,8 @@ def save_adapter(model, path: str, cfg: DRLoRAConfig):
                 tensors[f"layers.{l}.router.{name}"] = t.cpu().contiguous()
         for p in cfg.targets:
             A, B = lora.A[p], lora.B[p]
-            tensors[f"layers.{l}.{p}.A"] = torch.cat([A[e, :r] for e, r in enumerate(lora.r)]).detach().cpu().contiguous()
-            tensors[f"layers.{l}.{p}.B"] = torch.cat([B[e, :, :r] for e, r in enumerate(lora.r)], 1).detach().cpu().contiguous()
+            tensors[f"layers.{l}.{p}.A"] = torch.cat([A[e, :r] for e, r in enumerate(lora.r)]).detach().cpu()
+            tensors[f"layers.{l}.{p}.B"] = torch.cat([B[e, :, :r] for e, r in enumerate(lora.r)], 1).detach().cpu()
     meta = {"drlora": json.dumps(asdict(cfg)), "base": json.dumps(base_identity(model))}
     hf.write_safetensors(tensors, path, meta)  # atomic, and readable by others (safetensors alone writes 0600)
 

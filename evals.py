@@ -56,14 +56,16 @@ def val_loss(model, dataset, block_size: int, pad_id: int, batch_size: int = 32,
 
 
 @torch.no_grad()
-def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64, autocast=None) -> list[str]:
+def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64,
+           autocast=None) -> list[str]:
     """Decoded greedy continuations of token prompts, stopped at eos."""
     was_training = model.training
     model.eval()
     texts = []
     for i in range(0, len(prompts), batch_size):
         with autocast or torch.autocast("cpu", enabled=False):
-            outs = model.generate(prompts[i:i + batch_size], max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+            outs = model.generate(prompts[i:i + batch_size], max_new_tokens, eos_id=tokenizer.eos_id,
+                                  pad_id=tokenizer.pad_id)
         texts += [tokenizer.decode(o) for o in outs]
     model.train(was_training)
     return texts

@@ -37,7 +37,8 @@ def config_from_hf(d: dict, source: str = "config.json") -> MoEConfig:
              n_head=n_head, n_kv_head=d.get("num_key_value_heads") or n_head, head_dim=d.get("head_dim") or 0,
              rope_theta=float(theta), rms_eps=d.get("rms_norm_eps", 1e-5),
              max_seq_len=d.get("max_position_embeddings", 4096), tie_embeddings=d.get("tie_word_embeddings", False),
-             pad_id=d.get("pad_token_id"), eos_id=d.get("eos_token_id"), tokenizer=d.get("drlora_tokenizer", "hf"), hf=d)
+             pad_id=d.get("pad_token_id"), eos_id=d.get("eos_token_id"), tokenizer=d.get("drlora_tokenizer", "hf"),
+             hf=d)
     if isinstance(c["eos_id"], list):
         c["eos_id"] = c["eos_id"][0]
     if mt == "olmoe":
@@ -52,14 +53,16 @@ def config_from_hf(d: dict, source: str = "config.json") -> MoEConfig:
                  norm_topk_prob=d.get("norm_topk_prob", mt == "qwen3_moe"), dense_layers=dense,
                  dense_intermediate_size=d["intermediate_size"])
         if mt == "qwen2_moe":
-            c.update(qk_norm="none", qkv_bias=d.get("qkv_bias", True), shared_expert_size=d["shared_expert_intermediate_size"])
+            c.update(qk_norm="none", qkv_bias=d.get("qkv_bias", True),
+                     shared_expert_size=d["shared_expert_intermediate_size"])
         else:
             bias = d.get("attention_bias", False)
             c.update(qk_norm="head", qkv_bias=bias, o_bias=bias)
         if d.get("use_sliding_window"):
             raise ValueError(f"{source}: sliding-window attention is not supported")
     elif mt == "mixtral":
-        c.update(n_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"], intermediate_size=d["intermediate_size"],
+        c.update(n_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"],
+                 intermediate_size=d["intermediate_size"],
                  norm_topk_prob=True, qk_norm="none")
         if d.get("sliding_window"):
             raise ValueError(f"{source}: sliding-window attention is not supported")
@@ -338,7 +341,8 @@ def find_checkpoint(name: str, download: bool = True, weights: bool = True) -> s
         return name
     repo = KNOWN_MODELS.get(name, name)
     if "/" not in repo:
-        raise ValueError(f"unknown model {name!r}: give a checkpoint folder, a Hugging Face repo id, or one of {sorted(KNOWN_MODELS)}")
+        raise ValueError(f"unknown model {name!r}: give a checkpoint folder, a Hugging Face repo id, "
+                         f"or one of {sorted(KNOWN_MODELS)}")
 
     def has_weights(folder):  # the files from_pretrained reads: one file, or an index with all its shards
         try:

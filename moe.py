@@ -450,7 +450,8 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None, pad_id: int = 0,
-                 temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+                 temperature: float = 0.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
         """Batched decoding with a KV cache. Prompts of different lengths are left-padded.
         temperature 0 = greedy. Returns the new tokens of each prompt, cut before eos."""
         device = self.lm_head.weight.device
@@ -462,7 +463,8 @@ class MoETransformer(nn.Module):
             mask[i, P - len(p): P] = 1
         mask[:, P:] = 1
         cfg = self.cfg
-        cache = KVCache(cfg.n_layer, B, cfg.n_kv_head, P + max_new_tokens, cfg.head_dim, self.lm_head.weight.dtype, device)
+        dtype = self.lm_head.weight.dtype
+        cache = KVCache(cfg.n_layer, B, cfg.n_kv_head, P + max_new_tokens, cfg.head_dim, dtype, device)
         out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         n = 0

@@ -342,9 +342,9 @@ def test_schedule_paper_setting():
 
 
 def test_schedule_errors():
-    with pytest.raises(ValueError, match=r"need 1 <= r_init <= r_target, got r_init=5, r_target=4"):
+    with pytest.raises(ValueError, match=r"need 1 <= r_init <= r_target <= r_max, got 5, 4, 32"):
         drlora.DRLoRAConfig(r_init=5, r_target=4)
-    with pytest.raises(ValueError, match=r"need r_target <= r_max, got r_target=40, r_max=32"):
+    with pytest.raises(ValueError, match=r"need 1 <= r_init <= r_target <= r_max, got 8, 40, 32"):
         drlora.DRLoRAConfig(r_init=8, r_target=40, r_max=32)
     # T = 100, dT = 200: t_warm = 3, the first event would need 3 <= 100 - 200
     with pytest.raises(ValueError, match=r"no growth event fits: 100 steps, warm-up ends at 3, dT=200"):
@@ -352,7 +352,7 @@ def test_schedule_errors():
     # 1 event (T 300: t_warm 9, events 9 only), cap floor(24 * 0.1) = 2: at most 64 * 2 = 128 < 512 ranks
     with pytest.raises(ValueError, match=r"growth cannot reach r_target: 1 events x at most 128 ranks < 512"):
         drlora.schedule(drlora.DRLoRAConfig(r_init=8, r_target=16, r_max=32, dT=200), 300, 64)
-    with pytest.raises(ValueError, match=r"saliency must be fg, f or g"):
+    with pytest.raises(ValueError, match=r"saliency must be one of \('fg', 'f', 'g'\)"):
         drlora.DRLoRAConfig(saliency="fgh")
 
 

@@ -38,8 +38,8 @@ from data import common
 @dataclass
 class TrainConfig:
     model: str = "tiny"  # "tiny" (embedded, pretrained here) | olmoe | qwen2_moe | ... | a checkpoint folder
-    preset: str = "auto"  # "paper": the defaults below | "tiny": PRESETS["tiny"] over them | auto: tiny for --model tiny
-    task: str = "arithmetic"  # data/<task>/{train,val,test}.npz (made by data/<task>.py or tasks/<task>.py), or a folder
+    preset: str = "auto"  # "paper": the defaults below | "tiny": PRESETS["tiny"] over them | auto: tiny for tiny
+    task: str = "arithmetic"  # data/<task>/{train,val,test}.npz (data/<task>.py, tasks/<task>.py), or a folder
     out_dir: str = "out"
     adapter: str = ""  # evaluate this saved adapter (safetensors) on the base model, then exit
     # optimisation: 3,750 steps of 48 samples at lr 2e-5 (the paper)
@@ -168,7 +168,8 @@ def read_checkpoint(path: str, cfg: TrainConfig) -> dict:
     else:  # written before the method's settings had their own dataclass
         saved["dropout"], saved["targets"] = saved.pop("lora_dropout"), saved["targets"].split(",")
     now = json.loads(json.dumps(flat(cfg)))  # tuples as lists, as in the file
-    diff = {k: (v, now.get(k)) for k, v in saved.items() if k not in RESUMABLE | {"export", "preset"} and now.get(k) != v}
+    kept = [k for k in saved if k not in RESUMABLE | {"export", "preset"}]
+    diff = {k: (saved[k], now.get(k)) for k in kept if now.get(k) != saved[k]}
     if diff:
         raise ValueError(f"--resume with settings that differ from {path} (checkpoint, now): {diff}")
     return state
@@ -246,7 +247,7 @@ def main(argv=None):
         raise ValueError(f"{folder}/manifest.json: the data was tokenized by {made_with!r}, the model uses "
                          f"{tokenizer.name!r}; remake it for this model: `{redo}`"
                          + (f" with --model {cfg.model}" if redo.startswith("python tasks/") else ""))
-    log(f"task {cfg.task}: {len(train_set):,} train / {len(val_set):,} val / {len(test_set):,} {cfg.eval_split} samples")
+    log(f"task {cfg.task}: {len(train_set):,} train / {len(val_set):,} val / {len(test_set):,} {splits[2]} samples")
 
     def evaluate(step, examples=0, what=""):
         return evaluation(model, tokenizer, folder, val_set, test_set, cfg, autocast, log, step, examples, what)

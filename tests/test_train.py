@@ -173,10 +173,10 @@ def test_samples_longer_than_positions_are_truncated_with_a_warning(setup, tmp_p
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--r_init", "3"], "need 1 <= r_init <= r_target, got r_init=3, r_target=2"),
-    (["--r_max", "1"], "need r_target <= r_max, got r_target=2, r_max=1"),
+    (["--r_init", "3"], "need 1 <= r_init <= r_target <= r_max, got 3, 2, 4"),
+    (["--r_max", "1"], "need 1 <= r_init <= r_target <= r_max, got 1, 2, 1"),
     (["--dT", "50"], "no growth event fits: 12 steps"),
-    (["--saliency", "fgh"], "saliency must be fg, f or g"),
+    (["--saliency", "fgh"], r"saliency must be one of \('fg', 'f', 'g'\), got 'fgh'"),
     (["--grad_accum", "3"], None),  # fine on one process: a control for the parametrisation
 ])
 def test_impossible_drlora_settings(setup, tmp_path, bad, message):

@@ -226,16 +226,10 @@ class Reference:
     the way a transformers user takes it."""
 
     def __init__(self, ckpt: str, impl: str):
-        import peft
         import transformers
 
         hf = transformers.OlmoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32, experts_implementation=impl)
-        pc = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[], target_parameters=PEFT_TARGETS)
-        self.model = peft.get_peft_model(hf, pc)  # lora_alpha / r = 2 = our scale
-        for layer in hf.model.layers:
-            layer.mlp.gate.weight.requires_grad_(True)
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=LR, weight_decay=0)
-        self.model.train()
+        self.model, self.opt = peft_lora(hf)
         self.r_mean, self.targets = 16.0, ("gate_proj", "up_proj", "down_proj")
 
     def logits(self, x):
@@ -251,6 +245,19 @@ class Reference:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0, 0.0
+
+
+def peft_lora(hf_model):
+    """PEFT LoRA r=16 on a transformers OLMoE's fused experts, its routers trained: (PEFT model, AdamW)."""
+    import peft
+
+    pc = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[], target_parameters=PEFT_TARGETS)
+    model = peft.get_peft_model(hf_model, pc)  # lora_alpha / r = 2 = our scale
+    for layer in hf_model.model.layers:
+        layer.mlp.gate.weight.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0)
+    model.train()
+    return model, opt
 
 
 def build(name: str, ckpt: str | None):
