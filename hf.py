@@ -266,52 +266,22 @@ def write_safetensors(tensors: dict, file: str, metadata: dict | None = None):
     os.replace(file + ".tmp", file)
 
 
-MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # Mixtral's published expert names
-
-
-def save_pretrained(model: MoETransformer, path: str, fused: bool = False):
-    """Write config.json + model.safetensors in the Hugging Face layout transformers loads:
-    per-expert keys (the published layout: Mixtral's block_sparse_moe.experts.E.w1/w2/w3, the
-    others' mlp.experts.E.gate_proj/up_proj/down_proj) or, with fused=True, transformers 5's
-    mlp.experts.gate_up_proj (gate rows first) and down_proj, for every family but llama_moe, whose
-    published code reads only its own names (mlp.calculator.experts.weight_up.E, mlp.gate.gate_network.*)."""
-    mixtral, llama = model.cfg.model_type == "mixtral", model.cfg.model_type == "llama_moe"
-    if llama and fused:
-        raise ValueError("llama_moe has no fused layout: its published modeling code reads one tensor per expert")
+def save_pretrained(model: MoETransformer, path: str, state_dict: dict | None = None):
+    """Write config.json + model.safetensors: by default in the per-expert layout that transformers
+    reads for OLMoE and Qwen (mlp.experts.E.gate_proj.weight, ...). tools/export.py passes the
+    state_dict of another family's own layout (Mixtral's names, LLaMA-MoE's, the fused one)."""
     os.makedirs(path, exist_ok=True)
-    sd = {}
-    for name, p in model.named_parameters():
-        if model.cfg.tie_embeddings and name == "lm_head.weight":
-            continue
-        key = name if name.startswith("lm_head") else "model." + name
-        m = re.fullmatch(r"(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)", name)
-        if m and fused:
-            if m[2] == "gate_proj":
-                sd[f"model.{m[1]}.gate_up_proj"] = torch.cat([p, getattr(model.get_submodule(m[1]), "up_proj")], 1)
-            elif m[2] == "down_proj":
-                sd[f"model.{m[1]}.down_proj"] = p
-        elif m and mixtral:
-            for e in range(p.shape[0]):
-                sd[f"model.{m[1]}.{e}.{MIXTRAL_NAMES[m[2]]}.weight".replace(".mlp.", ".block_sparse_moe.")] = p[e]
-        elif m and llama:  # mlp.calculator.experts.weight_{gate,up,down}.E
-            for e in range(p.shape[0]):
-                sd[f"model.{m[1].replace('.experts', '.calculator.experts')}.weight_{m[2][:-len('_proj')]}.{e}"] = p[e]
-        elif llama and ".mlp.gate." in key:  # the router: mlp.gate.gate_network.{0,2}.weight (mlp) or .weight
-            sd[key.replace(".mlp.gate.", ".mlp.gate.gate_network.")] = p
-        elif m:
-            for e in range(p.shape[0]):
-                sd[f"model.{m[1]}.{e}.{m[2]}.weight"] = p[e]
-        elif mixtral and not fused:  # the router: block_sparse_moe.gate, beside its experts
-            sd[key.replace(".mlp.", ".block_sparse_moe.")] = p
-        else:
-            sd[key] = p
-    if llama:  # the rest of what its code holds: each layer's rotary buffer and, if it has them, noise weights
-        hd = model.cfg.head_dim
-        inv_freq = 1.0 / (model.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-        for l, block in enumerate(model.layers):
-            sd[f"model.layers.{l}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()  # safetensors refuses shared
-            if model.cfg.router_noise:
-                sd[f"model.layers.{l}.mlp.gate.weight_noise.weight"] = block.mlp.gate_noise
+    sd = state_dict
+    if sd is None:
+        sd = {}
+        for name, p in model.named_parameters():
+            if model.cfg.tie_embeddings and name == "lm_head.weight":
+                continue
+            m = re.fullmatch(r"(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)", name)
+            if m:
+                sd.update({f"model.{m[1]}.{e}.{m[2]}.weight": p[e] for e in range(p.shape[0])})
+            else:
+                sd[name if name.startswith("lm_head") else "model." + name] = p
     write_safetensors({k: v.detach().contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"),
                       metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:

@@ -259,6 +259,8 @@ def main(argv=None):
     # DR-LoRA and the optimizer
     torch.manual_seed(cfg.seed)  # here, after any pretraining: the same LoRA init on every process and in every run
     drl = drlora.DRLoRA(model, cfg.lora, total_steps=cfg.steps)
+    if rank:  # LoRA dropout: each process its own masks (process 0 keeps the stream of a one-process run)
+        torch.manual_seed(cfg.seed + rank)
     trainable = drl.trainable_parameters()
     names = {id(p): n for n, p in model.named_parameters()}
     lcfg = cfg.lora

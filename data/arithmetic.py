@@ -7,7 +7,7 @@
   (about 2 % exact match, RESULTS.md). Operations: + (buys, finds, is given), - (gives away, loses; never below zero) and
   * (boxes or bags holding b each). 16 names, 12 objects, 7 templates, a fixed seed.
 - Splits are disjoint as exact prompt strings: a prompt's split is fixed by the sha256 of its text
-  (common.hash_split: 5 % test, 5 % val, 90 % train), whatever the sizes and seeds.
+  (write.hash_split: 5 % test, 5 % val, 90 % train), whatever the sizes and seeds.
 - Be honest about what the test measures: the arithmetic FACTS overlap. There are only
   81 + 45 + 64 of them and training holds every one; only names, objects and wording are new.
   Accuracy measures the answer format, copying the operands out of the question and recalling
@@ -21,7 +21,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import common  # noqa: E402
+from data import common, write  # noqa: E402
 from hf import ByteTokenizer  # noqa: E402
 
 OUT_DIR = common.DATA_DIR / "arithmetic"
@@ -64,7 +64,7 @@ def draw(rng) -> dict:
 
 def generate(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     """n distinct problems of one split, the same for the same (n, seed, split)."""
-    return common.sample_split(draw, n, seed, split)
+    return write.sample_split(draw, n, seed, split)
 
 
 def extract_answer(text: str) -> int | None:
@@ -73,11 +73,11 @@ def extract_answer(text: str) -> int | None:
     return int(n) if n is not None and n.denominator == 1 else None  # 7.0 counts as 7, 7.5 is no integer
 
 
-exact_match = common.exact_match  # one metric for every task
+exact_match = write.exact_match  # one metric for every task
 
 
 def prepare(out_dir=OUT_DIR, sizes: dict[str, int] = SIZES, seed: int = 0, tokenizer=None) -> dict:
-    return common.prepare_task(out_dir, generate, sizes, seed, tokenizer or ByteTokenizer(),
+    return write.prepare_task(out_dir, generate, sizes, seed, tokenizer or ByteTokenizer(),
                                source="data/arithmetic.py: one-digit word problems")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import common  # noqa: E402
+from data import common, write  # noqa: E402
 from hf import ByteTokenizer  # noqa: E402
 
 OUT_DIR = common.DATA_DIR / "sorting"
@@ -27,7 +27,7 @@ def draw(rng) -> dict:
 
 
 def generate(n: int, seed: int = 0, split: str = "train") -> list[dict]:
-    return common.sample_split(draw, n, seed, split)
+    return write.sample_split(draw, n, seed, split)
 
 
 def extract_answer(text: str) -> str | None:
@@ -36,11 +36,11 @@ def extract_answer(text: str) -> str | None:
     return line or None
 
 
-exact_match = common.exact_match  # one metric for every task
+exact_match = write.exact_match  # one metric for every task
 
 
 def prepare(out_dir=OUT_DIR, sizes: dict[str, int] = SIZES, seed: int = 0, tokenizer=None) -> dict:
-    return common.prepare_task(out_dir, generate, sizes, seed, tokenizer or ByteTokenizer(),
+    return write.prepare_task(out_dir, generate, sizes, seed, tokenizer or ByteTokenizer(),
                                source="data/sorting.py: sort 3-6 distinct letters")
 
 

@@ -30,7 +30,7 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import common  # noqa: E402
+from data import common, write  # noqa: E402
 from hf import ByteTokenizer  # noqa: E402
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
@@ -132,7 +132,7 @@ def prepare(out_dir=OUT_DIR, root=None, tokenizer=None, val_every: int = 20) -> 
         "files": len(files), "bytes": sum(s["bytes"] for s in splits.values()),
         "sha256": sha.hexdigest(), "splits": splits, "seconds": round(time.time() - t0, 2),
     }
-    common.write_manifest(out_dir, manifest)
+    write.write_manifest(out_dir, manifest)
     return manifest
 
 

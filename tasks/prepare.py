@@ -1,7 +1,7 @@
 """Shared machinery of the real-task prepare scripts: tasks/gsm8k.py, humaneval.py, tulu.py, medmcqa.py,
 wmt.py and ledgar.py. A script names its default sources and turns one row into a conversation; this
 file reads the rows, formats them in the model's chat format (tasks/chat.py), writes the SFT files with
-common.write_sft and completes manifest.json.
+write.write_sft and completes manifest.json.
 
     python tasks/gsm8k.py --model olmoe                       # default sources, from the Hugging Face Hub
     python tasks/gsm8k.py --model PATH --train metamath.json --test gsm8k_test.jsonl --skip_bad
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from tasks import chat as chat_format
-from data import common
+from data import common, write
 
 LETTERS = "ABCD"
 EVALUATOR = "tasks.metrics"  # the module evals.evaluate_task imports to compute a metric other than exact match
@@ -272,7 +272,7 @@ def prepare(task: Task, args, made_by: str | None = None) -> dict:
     for split in ("train", "val", "test"):
         from_specs = test_specs if split == "test" and not task.prompts_only_test else train_specs
         samples, kept = encode(fmt, splits[split], args.max_len, split, report, from_specs)
-        common.write_sft(out / f"{split}.npz", samples, tokenizer_name=getattr(tokenizer, "name", "?"),
+        write.write_sft(out / f"{split}.npz", samples, tokenizer_name=getattr(tokenizer, "name", "?"),
                          source=source, seed=args.seed)
         if split == "test" and not task.prompts_only_test:
             files = write_test_extras(out, fmt, kept, samples)
@@ -283,7 +283,7 @@ def prepare(task: Task, args, made_by: str | None = None) -> dict:
     manifest = common.read_manifest(out)
     manifest.update(task=task.name, metric=task.metric, evaluator=EVALUATOR, format=fmt.name, model=args.model,
                     max_len=args.max_len, val_size=args.val_size, files=files, made_by=made_by, **report)
-    common.write_manifest(out, manifest)
+    write.write_manifest(out, manifest)
     return manifest
 
 

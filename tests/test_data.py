@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import arithmetic, common, sorting, stdlib
+from data import arithmetic, common, sorting, stdlib, write
 from tasks import prepare
 
 EOS, PAD = 256, 257
@@ -15,7 +15,7 @@ SAMPLES = [([EOS, 10, 11], [20, 21, EOS]), ([EOS, 12], [22, EOS])]
 
 
 def write_samples(folder, split="train", samples=SAMPLES):
-    return common.write_sft(folder / f"{split}.npz", samples, tokenizer_name="byte", source="hand", seed=3)
+    return write.write_sft(folder / f"{split}.npz", samples, tokenizer_name="byte", source="hand", seed=3)
 
 
 # --- SFT sets
@@ -44,7 +44,7 @@ def test_manifest_keeps_every_split_and_drops_stale_ones(tmp_path):
     write_samples(tmp_path, "val", SAMPLES[:1])
     assert common.read_manifest(tmp_path)["splits"]["val"]["samples"] == 1
     assert set(common.read_manifest(tmp_path)["splits"]) == {"train", "val"}
-    common.write_sft(tmp_path / "test.npz", SAMPLES, tokenizer_name="other", source="hand")
+    write.write_sft(tmp_path / "test.npz", SAMPLES, tokenizer_name="other", source="hand")
     assert set(common.read_manifest(tmp_path)["splits"]) == {"test"}  # another tokenizer: stale
 
 

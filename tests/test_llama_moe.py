@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import drlora
 import hf
+from tools import export
 
 FIX = Path(__file__).parent / "fixtures" / "llama_moe"
 NAMES = ["2_8", "4_16", "2_8_logits", "4_16_linear"]  # the table in fixtures/llama_moe/README.md
@@ -127,12 +128,12 @@ def test_bin_shard_index_must_be_complete(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["2_8", "4_16_linear"])
-def test_save_pretrained_writes_the_published_layout(tmp_path, name):
+def test_export_writes_the_published_layout(tmp_path, name):
     """Every tensor the published code holds, under its names, with the same values, and config.json kept.
     (The published code itself loads these exports with no missing or unexpected key and equal logits:
     checked once outside the repo, see fixtures/llama_moe/README.md.)"""
     model = hf.from_pretrained(str(FIX / name))
-    hf.save_pretrained(model, str(tmp_path))
+    export.save_in_layout(model, str(tmp_path))
     src = FIX / name
     ref = {}
     for f in sorted(src.glob("*.bin")):
@@ -147,7 +148,7 @@ def test_save_pretrained_writes_the_published_layout(tmp_path, name):
     exp = load_file(src / "expected.safetensors")
     assert torch.equal(run(again, exp).logits, run(model.eval(), exp).logits)
     with pytest.raises(ValueError, match="no fused layout"):
-        hf.save_pretrained(model, str(tmp_path / "fused"), fused=True)
+        export.save_in_layout(model, str(tmp_path / "fused"), fused=True)
 
 
 @pytest.mark.parametrize("name", ["2_8", "4_16_linear"])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import hf
 
 import moe
+from tools import export
 
 transformers = pytest.importorskip("transformers")
 
@@ -173,7 +174,7 @@ def test_save_pretrained_round_trip_and_transformers_loads_it(tmp_path):
     model.init_weights(seed=0)
     idx, mask = batch_with_padding()
     for fused in (False, True):
-        hf.save_pretrained(model, tmp_path / str(fused), fused=fused)
+        export.save_in_layout(model, tmp_path / str(fused), fused=fused)
         again = hf.from_pretrained(str(tmp_path / str(fused)))
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "False").eval()

@@ -74,6 +74,56 @@ def test_two_processes_on_gloo_through_torchrun(setup, tmp_path):
     assert ranks.sum(-1).tolist() == [8, 8]
 
 
+def torchrun(argv, nproc=2, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py", *argv]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+MASKS = ("--grad_accum", "2", "--dropout", "0.1")  # 2 micro-batches: 2 on one process, 1 each on two; real masks
+
+
+def test_one_process_run_resumed_by_two_with_an_evaluation_midway(setup, tmp_path):
+    """Killed on one process, resumed by torchrun on two (gloo), with process 0 evaluating at step 8 while
+    the other waits for it: the run completes, draws dropout masks afresh for each process, and ends with
+    identical replicas."""
+    killed = run(args(setup, tmp_path, *MASKS, "--exit_at_step", "5"), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == 3, killed.stderr
+    rng = torch.load(tmp_path / "ckpt.pt", weights_only=False)["rng"]
+    assert isinstance(rng, list) and len(rng) == 1 and rng[0].keys() == {"cpu", "cuda"} and rng[0]["cuda"] is None
+    assert rng[0]["cpu"].dtype == torch.uint8 and torch.equal(rng[0]["cpu"], rng[0]["cpu"].clone())
+    p = torchrun(args(setup, tmp_path, *MASKS, "--resume", "--eval_interval", "8"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "resuming 1 processes' run with 2: dropout masks are drawn afresh" in p.stdout
+    assert "resumed from" in p.stdout and "eval step 8: val loss" in p.stdout
+    assert "all 2 processes hold identical adapters, ranks and routers" in p.stdout
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 12 and ck["drlora"]["ranks"].sum(-1).tolist() == [8, 8]
+    assert [e["step"] for e in ck["history"]["eval"]] == [8] and len(ck["history"]["loss"]) == 12
+    assert len(ck["rng"]) == 2 and all(r["cuda"] is None for r in ck["rng"])
+    assert not torch.equal(ck["rng"][0]["cpu"], ck["rng"][1]["cpu"])  # each process its own masks
+
+
+def test_two_process_checkpoint_resumed_by_one(setup, tmp_path):
+    """Two processes (gloo) evaluate at step 4 and are killed after step 7, past the checkpoint of step 6
+    (on several processes a kill right after the checkpoint's step would race the file's writing); one
+    process resumes and completes the run."""
+    p = torchrun(args(setup, tmp_path, *MASKS, "--eval_interval", "4", "--exit_at_step", "7"))
+    assert p.returncode != 0 and "eval step 4: val loss" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 6 and [e["step"] for e in ck["history"]["eval"]] == [4]
+    rng = ck["rng"]  # one dict per process: its CPU generator, no CUDA on the CPU
+    assert isinstance(rng, list) and len(rng) == 2 and all(r.keys() == {"cpu", "cuda"} for r in rng)
+    assert all(r["cuda"] is None and r["cpu"].dtype == torch.uint8 for r in rng)
+    assert not torch.equal(rng[0]["cpu"], rng[1]["cpu"])  # each process draws its own dropout masks
+    resumed = run(args(setup, tmp_path, *MASKS, "--resume"), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming 2 processes' run with 1: dropout masks are drawn afresh" in resumed.stdout
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 12 and len(ck["rng"]) == 1 and ck["drlora"]["ranks"].sum(-1).tolist() == [8, 8]
+    assert len(ck["history"]["loss"]) == 12 and len(ck["history"]["events"]) == 4  # events 0, 3, 6, 9
+
+
 def test_writes_result_plots_and_adapter(setup, tmp_path):
     result = train.main(args(setup, tmp_path, "--plots", "true"))
     assert result["method"] == "drlora" and len(result["ranks"]) == 2

@@ -24,6 +24,7 @@ which vLLM refuses: --vllm insists on a run trained with freeze_router (or use t
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -37,6 +38,58 @@ import moe  # noqa: E402
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # Mixtral's published expert names
+
+
+def layout_state_dict(model, fused: bool = False) -> dict:
+    """The model's tensors under the names its family's published code reads: per-expert keys (Mixtral's
+    block_sparse_moe.experts.E.w1/w2/w3, LLaMA-MoE's mlp.calculator.experts.weight_up.E and gate_network,
+    the others' mlp.experts.E.gate_proj/...) or, with fused=True, transformers 5's mlp.experts.gate_up_proj
+    (gate rows first) and down_proj, for every family but llama_moe, whose code reads only its own names."""
+    mixtral, llama = model.cfg.model_type == "mixtral", model.cfg.model_type == "llama_moe"
+    if llama and fused:
+        raise ValueError("llama_moe has no fused layout: its published modeling code reads one tensor per expert")
+    sd = {}
+    for name, p in model.named_parameters():
+        if model.cfg.tie_embeddings and name == "lm_head.weight":
+            continue
+        key = name if name.startswith("lm_head") else "model." + name
+        m = re.fullmatch(r"(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)", name)
+        if m and fused:
+            if m[2] == "gate_proj":
+                sd[f"model.{m[1]}.gate_up_proj"] = torch.cat([p, getattr(model.get_submodule(m[1]), "up_proj")], 1)
+            elif m[2] == "down_proj":
+                sd[f"model.{m[1]}.down_proj"] = p
+        elif m and mixtral:
+            for e in range(p.shape[0]):
+                sd[f"model.{m[1]}.{e}.{MIXTRAL_NAMES[m[2]]}.weight".replace(".mlp.", ".block_sparse_moe.")] = p[e]
+        elif m and llama:  # mlp.calculator.experts.weight_{gate,up,down}.E
+            for e in range(p.shape[0]):
+                sd[f"model.{m[1].replace('.experts', '.calculator.experts')}.weight_{m[2][:-len('_proj')]}.{e}"] = p[e]
+        elif llama and ".mlp.gate." in key:  # the router: mlp.gate.gate_network.{0,2}.weight (mlp) or .weight
+            sd[key.replace(".mlp.gate.", ".mlp.gate.gate_network.")] = p
+        elif m:
+            for e in range(p.shape[0]):
+                sd[f"model.{m[1]}.{e}.{m[2]}.weight"] = p[e]
+        elif mixtral and not fused:  # the router: block_sparse_moe.gate, beside its experts
+            sd[key.replace(".mlp.", ".block_sparse_moe.")] = p
+        else:
+            sd[key] = p
+    if llama:  # the rest of what its code holds: each layer's rotary buffer and, if it has them, noise weights
+        hd = model.cfg.head_dim
+        inv_freq = 1.0 / (model.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+        for l, block in enumerate(model.layers):
+            sd[f"model.layers.{l}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()  # safetensors refuses shared
+            if model.cfg.router_noise:
+                sd[f"model.layers.{l}.mlp.gate.weight_noise.weight"] = block.mlp.gate_noise
+    return sd
+
+
+def save_in_layout(model, path: str, fused: bool = False):
+    """hf.save_pretrained in the family's own layout: what its published code and transformers read."""
+    hf.save_pretrained(model, path, layout_state_dict(model, fused))
 
 
 def source_is_fused(src_dir: str) -> bool:
@@ -83,7 +136,7 @@ def export(model, base_dir: str, out_dir: str, fused: bool | None = None, dtype:
     for stale in ("model.safetensors.index.json",):  # sharded weights from an earlier export would be read first
         if os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))
-    hf.save_pretrained(model, out_dir, fused=fused)
+    save_in_layout(model, out_dir, fused)
     # config.json: say which dtype the weights are in (transformers loads dtype="auto" by it)
     config_file = os.path.join(out_dir, "config.json")
     with open(config_file) as f:

@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -266,9 +267,9 @@ def section_step(cfg, batch: int, seq: int, device: str, warmup: int, steps: int
             peak = peak_gib(device)
             step = functools.partial(bench.step_ops, model, drl, opt, x[:, :-1], x[:, 1:], drl.t_warm + 1, autocast)
             phases, kernels, why = counted_step(step, device)
-        except torch.OutOfMemoryError as e:
-            out[name] = {"error": f"out of memory: {str(e)[:200]}"}
-            failures.append(f"{name}: out of memory")
+        except Exception as e:  # out of memory, or a kernel this GPU lacks: the other figures still come
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            failures.append(f"{name}: {out[name]['error']}")
             continue
         out[name] = figures(times, flops, tokens, peak, phases, kernels, why, rate)
         gmm, want = sum(n for op, n in phases["forward"].items() if "grouped_mm" in op), L * (3 + 2 * len(lcfg.targets))
@@ -283,12 +284,17 @@ def section_step(cfg, batch: int, seq: int, device: str, warmup: int, steps: int
         blk.gate.load_state_dict(sd)
     drl = opt = None
     print(f"  {REFERENCE}: building it from our weights", flush=True)
-    ref = reference_model(model)
-    peft_model, opt = bench.peft_lora(ref)
-    parity = same_function(model, ref, peft_model, x[:1, : min(seq, 256) + 1], autocast)
+    try:  # another transformers or PEFT than requirements-test.txt's may not build it: ours' figures stand
+        ref = reference_model(model)
+        peft_model, opt = bench.peft_lora(ref)
+        parity = same_function(model, ref, peft_model, x[:1, : min(seq, 256) + 1], autocast)
+    except Exception as e:
+        out[REFERENCE] = {"error": f"not built: {type(e).__name__}: {str(e)[:300]}"}
+        print(f"reference skipped: {out[REFERENCE]['error']}", flush=True)
+        return out, None
     if not (parity["logits_rel_diff"] < 0.05 and parity["moe_rel_diff"] < 0.1):
         failures.append(f"the reference computes another function than ours: {parity}")
-    del model
+    del model  # only the reference's weights stay for its peak memory
     print(f"  {REFERENCE}: {warmup} + {steps} steps", flush=True)
     try:
         reset_peak(device)
@@ -297,9 +303,8 @@ def section_step(cfg, batch: int, seq: int, device: str, warmup: int, steps: int
         phases, kernels, why = counted_step(functools.partial(reference_ops, peft_model, opt, x, autocast), device)
         flops = bench.step_flops(cfg, tokens, seq, 16.0, ("gate_proj", "up_proj", "down_proj"))[1]
         out[REFERENCE] = figures(times, flops, tokens, peak, phases, kernels, why, rate)
-    except torch.OutOfMemoryError as e:
-        out[REFERENCE] = {"error": f"out of memory: {str(e)[:200]}"}
-        failures.append(f"{REFERENCE}: out of memory")
+    except Exception as e:  # out of memory, say: a finding about the reference, not a failure of ours
+        out[REFERENCE] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return out, parity
 
 
@@ -478,9 +483,9 @@ def main(argv=None) -> int:
     steps, warmup = args.steps or (2 if args.tiny else 5), args.warmup or (1 if args.tiny else 2)
     start, failures = time.time(), []
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"# drlora gpu_check: {name}, torch {torch.__version__}, "
-          f"F.grouped_mm {'present' if moe.Experts.grouped else 'MISSING'}\n")
-    if not moe.Experts.grouped:
+    has = hasattr(torch.nn.functional, "grouped_mm")
+    print(f"# drlora gpu_check: {name}, torch {torch.__version__}, F.grouped_mm {'present' if has else 'MISSING'}\n")
+    if not has:
         failures.append(f"torch {torch.__version__} has no F.grouped_mm: the experts run as the per-expert loop")
     report = {"device": name, "torch": torch.__version__, "tiny": args.tiny, "batch": batch, "seq": seq,
               "shape": {k: v for k, v in vars(cfg).items() if k != "hf"}, "h200_bf16_assumed": H200_BF16}
@@ -496,18 +501,25 @@ def main(argv=None) -> int:
     report["reference_skipped"] = why
     rate = report["matmul_bf16_flops"] = matmul_rate(device)
     print(f"section 1: {batch} x {seq} tokens, bf16, gradient checkpointing", flush=True)
-    report["step"], report["parity"] = section_step(cfg, batch, seq, device, warmup, steps, not why, rate, failures)
+    report["step"], report["parity"] = {}, None
+    try:
+        report["step"], report["parity"] = section_step(cfg, batch, seq, device, warmup, steps, not why, rate, failures)
+    except Exception:  # section 2 and the JSON still come
+        failures.append(f"section 1 crashed: {traceback.format_exc()[-2000:]}")
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     if not args.no_train:
         print("section 2: train.py, growth, kill, resume", flush=True)
-        report["resume"] = section_resume(device, args.tiny, failures)
+        try:
+            report["resume"] = section_resume(device, args.tiny, failures)
+        except Exception:
+            failures.append(f"section 2 crashed: {traceback.format_exc()[-2000:]}")
     report["failures"], report["seconds"] = failures, round(time.time() - start, 1)
     print(f"\n### 1. Fine-tune step, {'tiny shape' if args.tiny else 'OLMoE-1B-7B shape'}, random bf16 weights, "
           f"{batch} x {seq} tokens, bf16 autocast, gradient checkpointing, {device}\n")
     print_step(report["step"], report["parity"], rate, device)
-    if "resume" in report:
+    if report.get("resume"):
         print("### 2. train.py: DR-LoRA with growth, killed and resumed\n")
         print_resume(report["resume"])
     if args.out:
