@@ -1,1 +1,1 @@
-"""Data for drlora: on-disk formats (common), the stdlib pretraining corpus, generated fine-tuning tasks."""
+"""The embedded run's data, made here without a download: the formats (common reads, write writes), the stdlib corpus, the tiny base pretrained on it, and the generated tasks."""
