@@ -359,7 +359,8 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # the end: replicas agree, final evaluation, plots, summary
     if ddp:  # every process must hold the same adapters, ranks and router
-        check = torch.stack([sum(p.double().sum() for p in trainable), drl.ranks.sum().double()]).to(device)
+        # every expert's rank, not their sum: the last event brings every process's sum to the same target
+        check = torch.cat([sum(p.double().sum() for p in trainable).view(1), drl.ranks.flatten().double()]).to(device)
         all_checks = [torch.zeros_like(check) for _ in range(world)]
         dist.all_gather(all_checks, check)
         if not all(torch.equal(c, check) for c in all_checks):

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny random base model and a small generated task: exact resume
-after a kill, two real processes on gloo through torchrun, and a clear error for each kind
+after a kill, two real processes on gloo through torchrun (an evaluation on process 0 while the
+other waits, a resume under another process count either way), and a clear error for each kind
 of bad input."""
 import json
 import os
@@ -74,10 +75,21 @@ def test_two_processes_on_gloo_through_torchrun(setup, tmp_path):
     assert ranks.sum(-1).tolist() == [8, 8]
 
 
-def torchrun(argv, nproc=2, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py", *argv]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def torchrun(argv, nproc=2, timeout=180):
+    """train.py on nproc processes (gloo on the CPU). A hang (a process left waiting for another) fails
+    the test after timeout seconds; torchrun, stopped by SIGTERM, ends its workers (each in a session of
+    its own, out of reach of a kill of torchrun's process group)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py",
+           *argv]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        out, err = p.communicate(timeout=60)
+        pytest.fail(f"train.py on {nproc} processes still running after {timeout} s: {out[-1000:]} {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 MASKS = ("--grad_accum", "2", "--dropout", "0.1")  # 2 micro-batches: 2 on one process, 1 each on two; real masks

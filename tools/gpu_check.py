@@ -15,9 +15,10 @@ Nothing is downloaded. Without transformers or PEFT the reference is skipped, wi
    PEFT LoRA r=16 on its fused experts (bench.peft_lora). LoRA dropout 0: PEFT refuses it on fused experts.
    For each: tokens/s, peak memory (torch.cuda.max_memory_allocated), MFU (model FLOPs of bench.step_flops,
    recomputation not counted) over H200_BF16 and over the bf16 matmul rate measured here, aten operators per
-   step (bench.step_ops) and, on CUDA, kernels per step (torch.profiler). Checks: our logits match the
-   reference's, and ours ran the grouped path (moe.Experts.grouped still True, F.grouped_mm 3 + 2 x
-   adapted projections times per MoE layer in each forward), not a silent fallback to the per-expert loop.
+   step (bench.step_ops) and, on CUDA, kernels per step (torch.profiler). Checks: our logits and MoE blocks
+   match the reference's (same_function), and ours ran the grouped path (moe.Experts.grouped still True,
+   F.grouped_mm 3 + 2 x adapted projections times per MoE layer in each forward), not a silent fallback to
+   the per-expert loop.
 2. train.py: 20 DR-LoRA steps on a small OLMoE-shaped checkpoint and an arithmetic task written here (LoRA
    dropout 0.1, gradient checkpointing, 2 micro-batches a step, growth events at steps 0, 5, 10 and 15),
    once straight through and once killed after step 9 (--exit_at_step; checkpoint at 10) and resumed. Both
@@ -54,7 +55,7 @@ import hf  # noqa: E402
 import drlora  # noqa: E402
 import moe  # noqa: E402
 from data import arithmetic  # noqa: E402
-from tools import bench  # noqa: E402
+from tools import bench, export  # noqa: E402
 
 H200_BF16 = 790e12  # dense bf16 FLOP/s of an H200 on an 8192^3 matmul (its spec sheet's 989 is not reached)
 RESUME_STEPS, KILL_AFTER, DT = 20, 9, 5  # events at 0, 5, 10, 15; the kill leaves the checkpoint of step 10
@@ -143,38 +144,26 @@ def matmul_rate(device: str) -> float:
 
 
 def reference_missing() -> str | None:
+    """None if transformers and PEFT import, else why not (missing, or a dependency's version refused)."""
     try:
         importlib.import_module("peft")
         importlib.import_module("transformers")
-    except ImportError as e:
-        return f"{e.name} is not installed"
+    except Exception as e:
+        return f"{e.name} is not installed" if isinstance(e, ModuleNotFoundError) else f"{type(e).__name__}: {e}"
     return None
 
 
 def reference_model(model):
     """transformers' OlmoeForCausalLM (grouped_mm experts, gradient checkpointing) holding our model's
-    base weights (its adapters must be detached): the fused layout of hf.save_pretrained(fused=True),
-    copied tensor by tensor on the device instead of through a 14 GB file."""
+    base weights (its adapters must be detached), in transformers 5's fused layout (export.layout_state_dict),
+    copied on the device rather than through a 14 GB file."""
     import transformers
 
-    device = model.lm_head.weight.device
     config = transformers.OlmoeConfig.from_dict(hf.config_to_hf(model.cfg))
-    with torch.device(device):
+    with torch.device(model.lm_head.weight.device):
         ref = transformers.OlmoeForCausalLM._from_config(config, dtype=torch.bfloat16,
                                                          experts_implementation="grouped_mm")
-    params, done = dict(ref.named_parameters()), set()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            key = name if name.startswith("lm_head") else "model." + name
-            if name.endswith("experts.gate_proj"):  # gate_up_proj (E, 2I, H): gate rows first
-                key = key.replace("gate_proj", "gate_up_proj")
-                params[key][:, : p.shape[1]].copy_(p)
-                params[key][:, p.shape[1]:].copy_(model.get_parameter(name.replace("gate_proj", "up_proj")))
-            elif not name.endswith("experts.up_proj"):
-                params[key].copy_(p)
-            done.add(key)
-    if set(params) - done:
-        raise RuntimeError(f"reference parameters not set from ours: {sorted(set(params) - done)[:5]}")
+    ref.load_state_dict(export.layout_state_dict(model, fused=True), strict=True)  # every tensor, by name
     ref.config.use_cache = False
     if hasattr(ref, "activation_checkpointing_enable"):  # the name since transformers 5.2x; the old one warns
         ref.activation_checkpointing_enable({"use_reentrant": False})
@@ -265,8 +254,8 @@ def section_step(cfg, batch: int, seq: int, device: str, warmup: int, steps: int
             reset_peak(device)
             times, flops = bench.shaped_steps(model, drl, opt, seq, True, warmup, steps, batch)
             peak = peak_gib(device)
-            step = functools.partial(bench.step_ops, model, drl, opt, x[:, :-1], x[:, 1:], drl.t_warm + 1, autocast)
-            phases, kernels, why = counted_step(step, device)
+            phases, kernels, why = counted_step(functools.partial(  # not kept: it would hold our model
+                bench.step_ops, model, drl, opt, x[:, :-1], x[:, 1:], drl.t_warm + 1, autocast), device)
         except Exception as e:  # out of memory, or a kernel this GPU lacks: the other figures still come
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             failures.append(f"{name}: {out[name]['error']}")
