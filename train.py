@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import drlora
 import evals
 import hf
+import moe
 from data import common
 
 # -----------------------------------------------------------------------------
@@ -275,7 +276,10 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     run = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if ddp else model
     if cfg.compile:
-        run = torch.compile(run)
+        if dtype != torch.bfloat16:  # torch.compile traces grouped_mm for bf16 inputs only
+            moe.Experts.grouped = False
+            log("--compile without bf16: the experts run as the per-expert loop")
+        run = torch.compile(run)  # recompiles after each growth event: the ranks are python ints
     start, pos = 0, 0
     history = {"step": [], "loss": [], "lr": [], "eval": [], "events": []}
     if state is not None:

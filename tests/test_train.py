@@ -283,3 +283,17 @@ def test_lr_schedule():
     cfg = train.TrainConfig(steps=100, lr=1.0)  # t_warm = floor(0.03 * 100) = 3
     assert [train.get_lr(t, cfg) for t in (0, 1, 2)] == [1 / 3, 2 / 3, 1.0]
     assert train.get_lr(3, cfg) == 1.0 and train.get_lr(99, cfg) == pytest.approx(1 / 97)
+
+
+def test_compile_trains_through_growth_events(setup, tmp_path):
+    """torch.compile on the CPU (fp32): the experts fall back to the loop, which dynamo traces; each growth
+    event changes the ranks and recompiles. Same losses as without compile, to float rounding."""
+    plain = train.main(args(setup, tmp_path / "plain", "--steps", "6", "--dT", "2", "--eval_base", "false"))
+    try:
+        compiled = train.main(args(setup, tmp_path / "compiled", "--steps", "6", "--dT", "2", "--eval_base", "false",
+                                   "--compile", "true"))
+    finally:
+        moe.Experts.grouped = hasattr(torch.nn.functional, "grouped_mm")
+    assert compiled["ranks"] == plain["ranks"] and sum(map(sum, compiled["ranks"])) == 2 * 4 * 2
+    history = [json.load(open(tmp_path / d / "result.json"))["history"]["loss"] for d in ("plain", "compiled")]
+    assert max(abs(a - b) for a, b in zip(*history)) < 1e-4
