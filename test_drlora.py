@@ -21,7 +21,7 @@ import moe
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny matmuls: a second intra-op thread only adds overhead (a 40-step run: 16 s on 2 threads, 1 s on 1)."""
+    """Tiny matmuls: a second intra-op thread only adds overhead."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

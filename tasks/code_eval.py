@@ -3,7 +3,7 @@ HumanEval pass@1: run each completion against its problem's unit tests.
 
 WARNING: THIS RUNS CODE THAT A MODEL WROTE. Each program runs in its own `python -I -S` process
 (isolated mode: no PYTHON* variables, the script's folder not on sys.path; -S: no site-packages,
-the standard library only, which is all HumanEval needs, and a 5x faster start) in
+the standard library only, which is all HumanEval needs, and a faster start) in
 an empty temporary folder, with an empty environment and no stdin; a time limit kills its whole
 process group; its prologue sets memory, CPU-time and file-size limits and disables sockets; and
 where `unshare -rn` works (a user and network namespace) it runs with no network at all. This is

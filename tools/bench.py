@@ -2,8 +2,8 @@
 How fast and how big DR-LoRA fine-tuning is on this machine, measured in one run and
 printed as markdown tables.
 
-    python bench.py            # full run: about 4 minutes on 2 quiet CPU cores
-    python bench.py --quick    # fewer configurations, rounds and points: about 1 minute
+    python tools/bench.py            # the full run (RESULTS.md says how long it takes)
+    python tools/bench.py --quick    # fewer configurations, rounds and points
     pip install peft           # for the transformers + PEFT reference (skipped without it)
 
 What is measured, on a tiny OLMoE (hidden 256, 4 layers, 4 heads, 16 experts top-4,
@@ -25,7 +25,7 @@ expert width 128, vocab 8192), batch 8 x 256 tokens, fp32, 2 threads:
 5. On CUDA only: an OLMoE-1B-7B-shaped model, bf16 autocast, sequence 4096, with and
    without gradient checkpointing (MFU against 989 TFLOP/s bf16 dense, H100/H200).
 6. Not timed: aten operators per MoE layer per fine-tune step (64 experts top-8, widths
-   256/128), for the per-expert loop and the grouped path (`python bench.py --ops` alone).
+   256/128), for the per-expert loop and the grouped path (`python tools/bench.py --ops` alone).
    Each operator is at least one kernel launch on a GPU, so this counts what a GPU step pays
    in launches and Python overhead, whatever this machine's speed.
 
@@ -561,7 +561,7 @@ def olmoe_1b_7b() -> moe.MoEConfig:
 def section_gpu(steps: int = 5, warmup: int = 2):
     print("### 5. GPU: OLMoE-1B-7B shape, random weights, bf16 autocast, batch 1 x 4096\n")
     if not torch.cuda.is_available():
-        print("skipped: no CUDA device here (run `python bench.py` on a CUDA machine for this section).\n")
+        print("skipped: no CUDA device here (run `python tools/bench.py` on a CUDA machine for this section).\n")
         return
     model, drl, opt = shaped_model(olmoe_1b_7b(), "cuda")
     rows = []

@@ -2,9 +2,9 @@
 Does DR-LoRA beat uniform LoRA at the same budget? The paper's comparison and ablations on
 the embedded task, over several seeds, printed as a markdown table whatever it shows.
 
-    python experiments.py            # 8 rows x 3 seeds (20 minutes on 2 quiet CPU cores)
-    python experiments.py --quick    # 8 rows x 1 seed, half the steps (under 10 minutes)
-    python experiments.py --task sorting   # the same table on the second embedded task
+    python tools/experiments.py            # 8 rows x 3 seeds
+    python tools/experiments.py --quick    # 8 rows x 1 seed, half the steps
+    python tools/experiments.py --task sorting   # the same table on the second embedded task
 
 Settings were fixed before any row was run (stated in the printed header): every row uses
 the same base model, data, steps, batch, learning rate and schedule; only the method's
