@@ -129,6 +129,7 @@ class ExpertLoRA(nn.Module):
         self.register_buffer("ranks", torch.full((E,), cfg.r_init, dtype=torch.long, device=device))
         self.r = self.ranks.tolist()  # the same ranks as python ints: slicing by them needs no device sync
         self.drop = nn.Dropout(cfg.dropout)
+        self._mask = None  # (rows' experts, which of their slots are active), for the rows being computed
 
     def set_ranks(self, ranks):
         self.ranks.copy_(ranks)
@@ -143,7 +144,10 @@ class ExpertLoRA(nn.Module):
         R = min(-(-max(self.r) // (16 // x.element_size())) * (16 // x.element_size()), self.cfg.r_max)
         if groups.offs is not None and moe.aligned(x, R, self.cfg.r_max):  # r_max: the row stride of B
             h = F.grouped_mm(x, A[:, :R].transpose(-2, -1).to(x.dtype), offs=groups.offs)  # (n, R)
-            h = h * (torch.arange(R, device=x.device) < self.ranks[groups.ids, None])
+            if self._mask is None or self._mask[0] is not groups.ids:  # once per layer and forward (up, down)
+                slots = torch.arange(self.cfg.r_max, device=x.device)
+                self._mask = (groups.ids, slots < self.ranks[groups.ids, None])
+            h = h * self._mask[1][:, :R]
             return self.cfg.scale * F.grouped_mm(h, B[:, :, :R].transpose(-2, -1).to(x.dtype), offs=groups.offs)
         # the loop: each expert computes only its active prefix of slots
         counts = groups.counts or torch.bincount(groups.ids, minlength=len(self.r)).tolist()

@@ -259,7 +259,8 @@ class MoE(nn.Module):
         token = order // K  # the token each sorted copy came from
         # index_select rather than x[token]: the same gather, but its backward is a plain index_add
         y = self.experts(x.index_select(0, token), flat_ids[order])  # (N*K, H)
-        y = y * (weights.view(-1)[order, None] * self.cfg.expert_scale)
+        w = weights.view(-1)[order, None]  # (N*K, 1)
+        y = y * (w if self.cfg.expert_scale == 1.0 else w * self.cfg.expert_scale)
         out = torch.zeros_like(x).index_add_(0, token, y)  # combine: sum of the K weighted outputs
         if self.cfg.shared_expert_size:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -38,10 +38,6 @@ class PretrainConfig:
     weight_decay: float = 0.1
     aux_loss: float = 0.01  # load balancing: keeps every expert in use
     seed: int = 1337
-    # Share of training windows in which a span reappears later (repeat_spans). The stdlib alone teaches
-    # frozen attention too little copying: fine-tuning then struggles to fetch a question's operands.
-    copy_frac: float = 0.0
-    copy_len: tuple[int, int] = (16, 100)  # shortest and longest repeated span, in bytes
 
 
 def tiny_config() -> moe.MoEConfig:
@@ -62,22 +58,6 @@ def load_balancing_loss(routers: list[moe.RouterOut], n_experts: int, valid=None
             probs, slots = probs[valid], slots[valid]
         total = total + n_experts * (slots.mean(0) / r.ids.shape[1] * probs.mean(0)).sum()
     return total / max(len(routers), 1)
-
-
-def repeat_spans(x: torch.Tensor, y: torch.Tensor, frac: float, lengths: tuple[int, int],
-                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """In a share `frac` of the windows, overwrite a later stretch with an exact copy of an earlier
-    span of the same window: predicting the copy rewards attention that finds where the text occurred
-    before and reads what followed (induction heads), the skill that copies a question's numbers."""
-    w = torch.cat([x, y[:, -1:]], 1)  # the window of T + 1 bytes that x and y are cut from
-    T = x.shape[1]
-    for row in range(len(w)):
-        if torch.rand(1, generator=g).item() < frac:
-            n = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g))
-            i = int(torch.randint(0, T + 1 - 2 * n, (1,), generator=g))  # source span [i, i + n)
-            j = int(torch.randint(i + n, T + 2 - n, (1,), generator=g))  # its copy [j, j + n), after it
-            w[row, j:j + n] = w[row, i:i + n].clone()
-    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
 @torch.no_grad()

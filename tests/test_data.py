@@ -1,12 +1,14 @@
 """Tests of data/: formats round-trip exactly, batches are right by hand, errors name what is wrong."""
 import json
+import math
 import re
 
 import numpy as np
 import pytest
 import torch
 
-from data import arithmetic, common, sorting, stdlib, write
+import moe
+from data import arithmetic, common, pretrain, sorting, stdlib, write
 from tasks import prepare
 
 EOS, PAD = 256, 257
@@ -236,6 +238,19 @@ def test_kind_samples_come_from_val_files(tmp_path):
     assert all(len(s) == 10 and s in prose for s in out["prose"])  # c.py has no prose of 10
     assert stdlib.kind_samples(n=5, length=10, seed=0, root=tmp_path, val_every=2) == out
 
+
+def test_copy_loss_scores_the_second_showing_only_where_copying_predicts_it():
+    class Copier(torch.nn.Module):  # predicts each byte of the second showing from the first, else uniform
+        def forward(self, ids):
+            logits = torch.zeros(*ids.shape, 300)
+            for t in range(length, 2 * length - 1):  # logits at t predict byte t + 1
+                logits[torch.arange(len(ids)), t, ids[:, t + 1 - length]] = 100.0
+            return moe.Output(loss=None, logits=logits, routers=[])
+
+    length = 20
+    out = pretrain.copy_loss(Copier(), n=3, length=length)
+    assert out["first"] == pytest.approx(math.log(300), abs=1e-5)  # nothing predicts a random string
+    assert out["second"] < 1e-6  # byte `length` (the second showing's first) is not copyable: left out
 
 # --- arithmetic
 
