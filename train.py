@@ -74,9 +74,9 @@ class TrainConfig:
 # The embedded run: the paper's method, scaled down to a 3.5 M-parameter model and 2 CPU cores. LoRA
 # dropout is off because its random masks cost more than the rest of a tiny CPU step, and this run
 # does not overfit (train loss stays at held-out loss).
-PRESETS = {"paper": {}, "tiny": dict(steps=600, batch_size=32, grad_accum=1, block_size=256, lr=2e-3,
-                                     eval_interval=200, eval_samples=500, max_new_tokens=24, log_interval=25,
-                                     ckpt_interval=200, grad_ckpt=False, r_init=2, r_target=4, r_max=8, dT=50,
+PRESETS = {"paper": {}, "tiny": dict(steps=1500, batch_size=16, grad_accum=1, block_size=256, lr=2e-3,
+                                     eval_interval=250, eval_samples=500, max_new_tokens=24, log_interval=50,
+                                     ckpt_interval=250, grad_ckpt=False, r_init=4, r_target=8, r_max=16, dT=100,
                                      dropout=0.0)}
 # settings that may change when resuming
 RESUMABLE = {"resume", "exit_at_step", "eval_interval", "log_interval", "ckpt_interval", "plots", "compile",

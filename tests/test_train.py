@@ -276,7 +276,7 @@ def test_unknown_flag_is_refused(setup, tmp_path):
         train.parse_args(["--learning_rate", "1"])
     assert train.parse_args(["--model", "olmoe"]).lr == 2e-5  # the paper's settings for a real model
     assert train.parse_args(["--model", "olmoe", "--lr", "1e-4"]).lr == 1e-4
-    assert train.parse_args([]).steps == 600
+    assert train.parse_args([]).steps == 1500  # the tiny preset for the embedded model
 
 
 def test_lr_schedule():
