@@ -37,12 +37,17 @@ ROWS = {  # name -> train.py flags on top of COMMON
 }
 
 
-SWEEP = {f"LoRA r={r}": ["--method", "lora", "--r_target", str(r), "--r_max", str(r)] for r in (1, 2, 4, 8)}
+SWEEP = {f"LoRA r={r}": ["--method", "lora", "--r_target", str(r), "--r_max", str(r), "--eval_split", "val"]
+         for r in (4, 8, 16)}
 
 
 def settings(quick: bool) -> dict:
-    return dict(r_init=1, r_target=2, r_max=4, steps=150 if quick else 300, dT=25 if quick else 50,
-                batch_size=16, lr=2e-3, eval_samples=500)
+    """The embedded default's recipe (train.PRESETS["tiny"]); quick: a third of the steps."""
+    tiny = train.PRESETS["tiny"]
+    s = {k: tiny[k] for k in ("r_init", "r_target", "r_max", "dT", "steps", "batch_size", "lr", "eval_samples")}
+    if quick:
+        s.update(steps=s["steps"] // 3, dT=s["dT"] // 3)
+    return s
 
 
 def run_row(name, extra, s, seed, out_root, first):
@@ -79,7 +84,7 @@ def main():
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--out", default="out/experiments")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
-    p.add_argument("--sweep", action="store_true", help="uniform LoRA at ranks 1, 2, 4, 8 (picks the budget)")
+    p.add_argument("--sweep", action="store_true", help="uniform LoRA at ranks 4, 8, 16 on val (picks the budget)")
     p.add_argument("--task", default="arithmetic", help="arithmetic | sorting (the embedded tasks) | a task folder")
     a = p.parse_args()
     s = settings(a.quick)
