@@ -14,10 +14,12 @@ the embedded CPU run needs (PRESETS). The embedded run pretrains its tiny base o
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import importlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -152,6 +154,17 @@ def evaluation(model, tokenizer, folder, val_set, test_set, cfg, autocast, log, 
     for prompt, out, ok in shown:
         log(f"  {'ok ' if ok else 'bad'} {prompt!r} -> {out!r}")
     return {"step": step, "val_loss": loss, **r}  # r: the task's metric, its score, higher_is_better
+
+
+def machine(base: str, device: str) -> dict:
+    """What a result depends on beyond the settings: the processor, threads, torch, and the base's own bytes
+    (a tiny base pretrained with another thread count is another model)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    weights = os.path.join(base, "model.safetensors")
+    digest = hashlib.sha256(open(weights, "rb").read()).hexdigest() if os.path.exists(weights) else None
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
+            "base_sha256": digest}
 
 
 def rng_state(device: str) -> dict:
@@ -377,7 +390,7 @@ def main(argv=None):
         result = {"method": lcfg.method, "metric": final["metric"], "base_score": base.get("score"),
                   "score": final["score"], "base_val_loss": base.get("val_loss"), "val_loss": final["val_loss"],
                   "active_lora_params": drl.active_lora_parameters(), "ranks": drl.ranks.tolist(),
-                  "seconds": time.time() - t0}
+                  "seconds": time.time() - t0, "machine": machine(path, device)}
         with open(os.path.join(cfg.out_dir, "result.json"), "w") as f:
             json.dump({"config": asdict(cfg), "result": result, "history": history, "drlora": drl.history}, f)
         if cfg.plots:

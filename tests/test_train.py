@@ -2,6 +2,7 @@
 after a kill, two real processes on gloo through torchrun (an evaluation on process 0 while the
 other waits, a resume under another process count either way), and a clear error for each kind
 of bad input."""
+import hashlib
 import json
 import os
 import subprocess
@@ -143,6 +144,11 @@ def test_writes_result_plots_and_adapter(setup, tmp_path):
         assert os.path.getsize(tmp_path / f) > 0, f
     saved = json.load(open(tmp_path / "result.json"))
     assert len(saved["history"]["loss"]) == 12 and len(saved["history"]["events"]) == 4  # t_warm 0, events 0, 3, 6, 9
+    # what the result depends on beyond the settings: the machine, and the base's own bytes
+    base = hashlib.sha256((setup / "base" / "model.safetensors").read_bytes()).hexdigest()
+    assert saved["result"]["machine"] == {**saved["result"]["machine"], "threads": torch.get_num_threads(),
+                                          "torch": torch.__version__, "device": "cpu", "base_sha256": base}
+    assert saved["result"]["machine"]["cpu"]
     # --adapter: the saved adapter on a fresh base evaluates exactly as the trained model did
     again = train.main(args(setup, tmp_path / "again", "--adapter", str(tmp_path / "adapter.safetensors")))
     final = saved["history"]["final"]
