@@ -235,3 +235,54 @@ def test_convert_tokenizer_tool(tmp_path):
     for c in cases()["cases"]:
         assert tok.encode(c["text"], add_special_tokens=False).ids == c["ids"]
     assert tok.encode("Answer", add_special_tokens=True).ids[0] == 1  # <s> first, as LLaMA
+
+
+def test_the_whole_path_prepare_train_resume_export(tmp_path):
+    """A LLaMA-MoE checkpoint with its own (sentencepiece-converted) tokenizer: the task tokenized with it (<s>
+    first), train.py with DR-LoRA, a kill and a resume that end where an uninterrupted run ends, and the merged
+    export in the family's own layout loading back with the adapted model's logits."""
+    import subprocess
+    import sys
+
+    import moe
+    from data import arithmetic
+
+    d = json.loads((FIX / "2_8" / "config.json").read_text())
+    d.update(vocab_size=400, max_position_embeddings=256)  # the fixture tokenizer's vocabulary; whole samples
+    model = moe.MoETransformer(hf.config_from_hf(d))
+    model.init_weights(seed=0)
+    base = tmp_path / "base"
+    export.save_in_layout(model, str(base))
+    shutil.copy(FIX / "tokenizer" / "tokenizer.json", base)
+    tok = hf.load_tokenizer(str(base), model.cfg)
+    arithmetic.prepare(out_dir=tmp_path / "task", sizes={"train": 64, "val": 8, "test": 8}, seed=0, tokenizer=tok)
+    assert arithmetic.common.encode_prompt(tok, "Question:")[0] == 1  # LLaMA's <s>, not eos
+
+    def argv(out, *extra):
+        return ["--model", str(base), "--preset", "tiny", "--task", str(tmp_path / "task"), "--out_dir", str(out),
+                "--steps", "8", "--batch_size", "4", "--r_init", "1", "--r_target", "2", "--r_max", "4", "--dT", "2",
+                "--eval_samples", "4", "--max_new_tokens", "4", "--plots", "false", "--ckpt_interval", "4",
+                "--eval_base", "false", "--log_interval", "100", *extra]
+
+    root = Path(__file__).resolve().parents[1]
+    run = lambda a: subprocess.run([sys.executable, "train.py", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                   timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    straight = run(argv(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr
+    killed = run(argv(tmp_path / "b", "--exit_at_step", "5"))
+    assert killed.returncode == 3, killed.stderr
+    resumed = run(argv(tmp_path / "b", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (json.loads((tmp_path / x / "result.json").read_text())["result"] for x in "ab")
+    assert a["ranks"] == b["ranks"] and sum(map(sum, a["ranks"])) == 2 * 8 * 2 and a["val_loss"] == b["val_loss"]
+    history = json.loads((tmp_path / "a" / "result.json").read_text())["history"]["loss"]
+    assert history[0] > 1.0 and history[-1] < history[0]  # answer tokens are in the loss, and it falls
+    # merge and export in LLaMA-MoE's own layout; it loads back with the adapted model's logits
+    tuned = hf.from_pretrained(str(base))
+    drlora.load_adapter(tuned, str(tmp_path / "a" / "adapter.safetensors"))
+    ids = torch.tensor([arithmetic.common.encode_prompt(tok, "Question: Mia has 3 apples.")])
+    with torch.no_grad():
+        want = tuned.eval()(ids).logits
+        export.export(tuned, str(base), str(tmp_path / "merged"))
+        got = hf.from_pretrained(str(tmp_path / "merged")).eval()(ids).logits
+    assert (got - want).abs().max() < 1e-4
