@@ -678,6 +678,9 @@ def _ddp_worker(rank, world, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: after a run with grouped_mm, a gloo worker sometimes aborts
+    # there ("terminate called without an active exception"), its work done and saved. Cause not found yet.
+    os._exit(0)
 
 
 def test_ddp_two_processes_agree(tmp_path, monkeypatch):
