@@ -162,7 +162,10 @@ def machine(base: str, device: str) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     weights = os.path.join(base, "model.safetensors")
-    digest = hashlib.sha256(open(weights, "rb").read()).hexdigest() if os.path.exists(weights) else None
+    digest = None
+    if os.path.exists(weights):  # streamed: a real base is many GB
+        with open(weights, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
             "base_sha256": digest}
 
