@@ -2,9 +2,10 @@
 Does DR-LoRA beat uniform LoRA at the same budget? The paper's comparison and ablations on
 the embedded task, over several seeds, printed as a markdown table whatever it shows.
 
-    python tools/experiments.py            # 8 rows x 3 seeds
-    python tools/experiments.py --quick    # 8 rows x 1 seed, half the steps
-    python tools/experiments.py --task sorting   # the same table on the second embedded task
+    python tools/experiments.py                  # 8 rows x 3 seeds, the default's recipe
+    python tools/experiments.py --quick          # 8 rows x 1 seed, a sixth of the steps: checks the pipeline
+    python tools/experiments.py --task sorting --rows main   # the second embedded task, without the ablations
+    python tools/experiments.py --sweep          # uniform LoRA at ranks 4, 8, 16 on val: how the budget was picked
 
 Settings were fixed before any row was run (stated in the printed header): every row uses
 the same base model, data, steps, batch, learning rate and schedule; only the method's
@@ -13,6 +14,7 @@ validation split, not from DR-LoRA's results; no setting was tuned on the test s
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -27,7 +29,7 @@ import train  # noqa: E402
 
 
 ROWS = {  # name -> train.py flags on top of COMMON
-    "LoRA r=r_target": ["--method", "lora"],
+    "LoRA r=r_target": ["--method", "lora", "--r_max", "{r_target}"],  # allocated at r_target, as a user would
     "LoRA r=r_max": ["--method", "lora", "--r_target", "{r_max}", "--r_max", "{r_max}"],
     "DR-LoRA": [],
     "DR-LoRA saliency=f": ["--saliency", "f"],
@@ -37,16 +39,18 @@ ROWS = {  # name -> train.py flags on top of COMMON
 }
 
 
+MAIN = ["LoRA r=r_target", "LoRA r=r_max", "DR-LoRA"]
 SWEEP = {f"LoRA r={r}": ["--method", "lora", "--r_target", str(r), "--r_max", str(r), "--eval_split", "val"]
          for r in (4, 8, 16)}
 
 
 def settings(quick: bool) -> dict:
-    """The embedded default's recipe (train.PRESETS["tiny"]); quick: a third of the steps."""
+    """The embedded default's recipe (train.PRESETS["tiny"]); quick: a sixth of the steps, a fifth of the
+    problems (too short to learn the task: it checks that every row runs and the table is made)."""
     tiny = train.PRESETS["tiny"]
     s = {k: tiny[k] for k in ("r_init", "r_target", "r_max", "dT", "steps", "batch_size", "lr", "eval_samples")}
     if quick:
-        s.update(steps=s["steps"] // 3, dT=s["dT"] // 3)
+        s.update(steps=s["steps"] // 6, dT=s["dT"] // 4, eval_samples=s["eval_samples"] // 5)
     return s
 
 
@@ -78,6 +82,13 @@ def result_of(out):
     return {**r, "allocated_lora_params": round(per_rank * len(r["ranks"]) * len(r["ranks"][0]) * slots)}
 
 
+def rank_vs_frequency(out):
+    """Per layer, the Pearson correlation of a DR-LoRA run's final ranks with its routing frequency f."""
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["drlora"]
+    ranks, f = ckpt["ranks"].float(), ckpt["f"].float()
+    return [torch.corrcoef(torch.stack([r, fl]))[0, 1].item() for r, fl in zip(ranks, f)], ranks.long().tolist(), f
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
@@ -86,16 +97,22 @@ def main():
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--sweep", action="store_true", help="uniform LoRA at ranks 4, 8, 16 on val (picks the budget)")
     p.add_argument("--task", default="arithmetic", help="arithmetic | sorting (the embedded tasks) | a task folder")
+    p.add_argument("--rows", default="all", help="all | main (the two LoRA rows and DR-LoRA, no ablations)")
     a = p.parse_args()
     s = settings(a.quick)
     seeds = list(range(a.seeds or (1 if a.quick else 3)))
     s["task"] = a.task
-    train.task_folder(a.task, make=True)  # an embedded task is generated here, not by two runs at once
+    t0 = time.time()
+    # made once, before any row, so that two runs never make the same file at once
+    train.task_folder(a.task, make=True)
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", "from data import pretrain; pretrain.ensure_tiny_base()"],
+                   env=one_thread, cwd=ROOT, check=True)
+    print(f"[{time.time() - t0:.0f}s] tiny base ready")
     out_root = a.out + ("_quick" if a.quick else "") + ("_sweep" if a.sweep else "") + \
         ("" if a.task == "arithmetic" else "_" + os.path.basename(a.task.rstrip("/")))
     print(f"settings for every row: {s}; seeds {seeds}")
-    t0 = time.time()
-    rows = SWEEP if a.sweep else ROWS
+    rows = SWEEP if a.sweep else ROWS if a.rows == "all" else {k: ROWS[k] for k in MAIN}
     jobs = [(name, seed) for name in rows for seed in seeds]
     running, outs = [], {}
     while jobs or running:
@@ -111,29 +128,45 @@ def main():
             name, seed, proc = job
             if proc.returncode != 0:
                 raise RuntimeError(f"{name} seed {seed} failed: see {outs[name, seed]}/log.txt")
-            print(f"[{time.time() - t0:.0f}s] {name} seed {seed}: accuracy {result_of(outs[name, seed])['score']:.3f}", flush=True)
+            print(f"[{time.time() - t0:.0f}s] {name} seed {seed}: {result_of(outs[name, seed])['score']:.3f}", flush=True)
     results = {name: [result_of(outs[name, seed]) for seed in seeds] for name in rows}
 
     def ms(xs):
         return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
+    n = s["eval_samples"]
+
+    def se(p):  # the standard error of one run's exact match over n problems
+        return math.sqrt(p * (1 - p) / n)
+
+    split = "validation" if a.sweep else "test"
     base = next(r for rs in results.values() for r in rs if r.get("base_score") is not None)
-    lines = ["| row | accuracy | val loss | active LoRA params | allocated LoRA params |", "|---|---|---|---|---|",
-             f"| base model (no fine-tuning) | {base['base_score']:.3f} | {base['base_val_loss']:.3f} | 0 | 0 |"]
+    lines = [f"{len(seeds)} seed(s) {seeds}, mean ± sd over seeds; exact match on {n} {split} problems, and the "
+             f"standard error of one run's exact match, sqrt(p(1-p)/{n}); task {a.task}; settings {s}; "
+             f"base sha256 {base['machine']['base_sha256'][:12]}", "",
+             "| row | exact match | per seed | SE of one run | val loss | active LoRA params | allocated LoRA params |",
+             "|---|---|---|---|---|---|---|",
+             f"| base model (no fine-tuning) | {base['base_score']:.3f} | | {se(base['base_score']):.3f} | "
+             f"{base['base_val_loss']:.3f} | 0 | 0 |"]
     for name, rs in results.items():
-        lines.append(f"| {name} | {ms([r['score'] for r in rs])} | {ms([r['val_loss'] for r in rs])} | "
+        scores = [r["score"] for r in rs]
+        lines.append(f"| {name} | {ms(scores)} | {' / '.join(f'{x:.3f}' for x in scores)} | "
+                     f"{se(statistics.mean(scores)):.3f} | {ms([r['val_loss'] for r in rs])} | "
                      f"{rs[0]['active_lora_params']:,} | {rs[0]['allocated_lora_params']:,} |")
+    if "DR-LoRA" in results and "LoRA r=r_target" in results and len(seeds) > 1:
+        d = [x["score"] - y["score"] for x, y in zip(results["DR-LoRA"], results["LoRA r=r_target"])]
+        lines += ["", f"DR-LoRA minus LoRA r=r_target, same seed: {ms(d)} (standard error of the mean difference "
+                      f"{statistics.stdev(d) / math.sqrt(len(d)):.3f})"]
+    if "DR-LoRA" in results:  # did the experts that grew get the task's tokens? rank against routing frequency
+        lines += ["", "Final rank against routing frequency f (Pearson, per layer), DR-LoRA:"]
+        for seed in seeds:
+            corr, ranks, f = rank_vs_frequency(outs["DR-LoRA", seed])
+            lines.append(f"- seed {seed}: {' / '.join(f'{c:.2f}' for c in corr)} (mean {statistics.mean(corr):.2f}); "
+                         f"ranks {ranks}")
+        lines.append(f"- f of seed {seeds[-1]}, per layer: {[[round(v, 3) for v in row] for row in f.tolist()]}")
+    lines.append(f"\n{len(jobs) + len(outs)} runs, {time.time() - t0:.0f} s wall ({a.parallel} at a time, one thread each)")
     table = "\n".join(lines)
-    print(f"\n{len(seeds)} seed(s), mean ± standard deviation; accuracy: exact match on {s['eval_samples']} test problems\n")
-    print(table)
-    if "DR-LoRA" in results:  # did the experts that grew get the task's tokens? rank vs routing frequency
-        ckpt = torch.load(os.path.join(out_root, "DR-LoRA_seed0", "ckpt.pt"), weights_only=False)["drlora"]
-        ranks, f = ckpt["ranks"].float(), ckpt["f"]
-        corr = [torch.corrcoef(torch.stack([ranks[l], f[l]]))[0, 1].item() for l in range(len(ranks))]
-        print(f"\nDR-LoRA seed 0, final ranks per layer: {ranks.long().tolist()}")
-        print(f"f (routing frequency of the task's tokens) per layer: {[[round(v, 3) for v in row] for row in f.tolist()]}")
-        print(f"correlation of final rank with f, per layer: {[round(c, 2) for c in corr]}")
-    print(f"total {time.time() - t0:.0f}s")
+    print("\n" + table)
     with open(os.path.join(out_root, "table.md"), "w") as fh:
         fh.write(table + "\n")
 
