@@ -441,8 +441,6 @@ def load_adapter(model, path: str) -> DRLoRAConfig:
             lora = ExpertLoRA(blk.experts, cfg)
             lora.set_ranks(f.get_tensor(f"layers.{l}.ranks"))
             router = {name: f"layers.{l}.router.{name}" for name in blk.gate.state_dict()}
-            if f"layers.{l}.router" in keys:  # written before the router was a module: its one weight
-                router = {"weight": f"layers.{l}.router"}
             with torch.no_grad():
                 for name, key in router.items():
                     if key in keys:

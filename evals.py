@@ -1,14 +1,9 @@
 """
-Evaluation used by train.py. A sample of an SFT split is prompt + answer (the loss mask marks the
-answer), so the same files serve the loss and the prompts; a prepared task's manifest names its
-metric and evaluate_task() computes it:
-
-- val_loss: mean cross-entropy per answer token.
-- exact_match (GSM8K, arithmetic): greedy decoding through moe.py's KV cache, then the final number
-  of output and reference (extract_number: the first '#### N', else the last 'The answer is N';
-  "1,234", "-3", "$18.50", "7.0" read as exact rationals) compared for equality.
-- anything else (multiple choice, HumanEval's pass@1, the held-out test loss of the real tasks): the
-  module the manifest names as "evaluator" (tasks/metrics.py), imported by name.
+Evaluation for train.py. An SFT sample is prompt + answer (the loss mask marks the answer), so one
+file serves the loss and the prompts. val_loss: cross-entropy per answer token. exact_match (GSM8K,
+the embedded tasks): greedy decoding, then the final answers of output and reference compared
+(common.extract_number, or the embedded task's extract_answer). Any other metric a task's manifest
+names is computed by the "evaluator" module it names (tasks/metrics.py), imported by name.
 """
 import importlib
 import os
@@ -17,10 +12,7 @@ import torch
 
 from data import common
 
-# --- answers
-
-
-extract_number = common.extract_number  # the final number of a GSM8K-style answer (data/common.py)
+extract_number = common.extract_number  # the final number of a GSM8K-style answer
 
 
 def split_sample(ids, mask):
@@ -96,10 +88,9 @@ GENERATED = ("arithmetic", "sorting")  # embedded tasks: data/<name>.py reads it
 
 def evaluate_task(model, tokenizer, folder, test_set, n: int | None = None, max_new_tokens: int = 24, autocast=None,
                   examples: int = 0) -> tuple[dict, list]:
-    """The metric the task's manifest names: ({"metric": name, "score": headline number, "higher_is_better":
-    bool, ...details}, [(prompt or task id, output, ok)]). Exact match when it names none (the generated
-    tasks); any other metric is computed by the module the manifest names as its "evaluator"
-    (tasks.metrics for the real tasks), imported by name: the core never imports the harness."""
+    """The metric the task's manifest names (exact match if none): ({"metric", "score", "higher_is_better",
+    ...}, [(prompt or task id, output, ok)]). Others come from the manifest's "evaluator" module, imported
+    by name: the core never imports the harness (tasks/)."""
     manifest = test_set.manifest
     metric = manifest.get("metric", "exact_match")
     if metric == "exact_match":
@@ -121,67 +112,3 @@ def evaluate_task(model, tokenizer, folder, test_set, n: int | None = None, max_
         raise ValueError(f"{path}: evaluator {evaluator!r} cannot be imported ({e})") from e
     return module.evaluate(metric, model, tokenizer, folder, test_set, n, max_new_tokens=max_new_tokens,
                            autocast=autocast, examples=examples)
-
-
-# --- figures of a run (PNG; matplotlib is imported only when a figure is drawn)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def rank_heatmaps(path, events, r_init):
-    """One panel per layer: experts (rows) x growth events (columns), colour = active rank."""
-    plt = _pyplot()
-    ranks = torch.tensor([e["ranks"] for e in events]).numpy()  # (events, L, E)
-    steps = [e["step"] for e in events]
-    fig, axes = plt.subplots(1, ranks.shape[1], figsize=(3 * ranks.shape[1] + 1, 3.2), squeeze=False)
-    for l, ax in enumerate(axes[0]):
-        im = ax.imshow(ranks[:, l, :].T, aspect="auto", cmap="viridis", vmin=r_init, vmax=int(ranks.max()),
-                       origin="lower", extent=(-0.5, len(steps) - 0.5, -0.5, ranks.shape[2] - 0.5))
-        ax.set(title=f"layer {l}", xlabel="growth event", ylabel="expert" if l == 0 else None)
-        ax.set_xticks(range(len(steps))[:: max(1, len(steps) // 4)], steps[:: max(1, len(steps) // 4)])
-    fig.colorbar(im, ax=axes[0].tolist(), label="active rank")
-    fig.suptitle("DR-LoRA: every expert's rank after each growth event (x: step of the event)", y=1.04)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def save_plots(out_dir, history, drl) -> list[str]:
-    """loss.png (train and held-out loss, growth events), ranks_over_time.png, f_g.png (final f and g)."""
-    plt = _pyplot()
-    files = [os.path.join(out_dir, name) for name in ("loss.png", "ranks_over_time.png", "f_g.png")]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["step"], history["loss"], lw=0.8, alpha=0.6, label="train (per step)")
-    points = [history["base"]] if "base" in history else []
-    points += history["eval"] + ([history["final"]] if "final" in history else [])
-    ax.plot([e["step"] for e in points], [e["val_loss"] for e in points], "o-", label="val (answer tokens)")
-    for e in history["events"]:
-        ax.axvline(e["step"], color="grey", lw=0.4, alpha=0.5)
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="loss (grey lines: growth events)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(files[0], dpi=110)
-    plt.close(fig)
-    start = {"step": 0, "ranks": [[drl.cfg.r_init] * drl.ranks.shape[1]] * drl.ranks.shape[0]}
-    rank_heatmaps(files[1], [start] + history["events"], drl.cfg.r_init)
-    f, g = drl.f.cpu().numpy(), drl.expert_importance().cpu().numpy()
-    L, E = f.shape
-    fig, axes = plt.subplots(2, L, figsize=(3 * L, 4.5), squeeze=False, sharey="row")
-    for l in range(L):
-        axes[0, l].bar(range(E), f[l] / max(float(f[l].sum()), 1e-12), color="tab:blue")
-        axes[1, l].bar(range(E), g[l] / max(float(g[l].sum()), 1e-12), color="tab:orange")
-        axes[0, l].set_title(f"layer {l}")
-        axes[1, l].set_xlabel("expert")
-    axes[0, 0].set_ylabel("f_hat (routing)")
-    axes[1, 0].set_ylabel("g_hat (importance)")
-    fig.suptitle("routing frequency and rank importance per expert at the end")
-    fig.tight_layout()
-    fig.savefig(files[2], dpi=110)
-    plt.close(fig)
-    return files

@@ -1,12 +1,8 @@
 """
-Hugging Face checkpoints and tokenizers for moe.py: config.json to MoEConfig and back, safetensors
-(or pytorch_model*.bin) loading (strict: every key named when something does not match) and saving,
-finding a named model in the local cache or on the Hub, and the tokenizers. moe.py is the model; this
-file is its I/O.
-
-Tokenizers: the tiny model's bytes (ByteTokenizer), or a checkpoint's own tokenizer.json through
-the `tokenizers` library, which reproduces OLMoE's NFC normaliser and added whitespace tokens
-exactly; tiktoken cannot express them.
+moe.py's I/O: config.json to MoEConfig and back, strict checkpoint loading and saving, finding a
+named model in the Hugging Face cache or on the Hub, and the tokenizers: bytes for the tiny model,
+else the checkpoint's tokenizer.json through `tokenizers` (tiktoken cannot express OLMoE's NFC
+normaliser and added whitespace tokens).
 """
 import glob
 import hashlib
@@ -72,30 +68,26 @@ def config_from_hf(d: dict, source: str = "config.json") -> MoEConfig:
 
 
 def _llama_moe(d: dict, source: str) -> dict:
-    """LLaMA-MoE (remote code: pjlab-sys4nlp/llama-moe, modeling_llama_moe_hf.py as of commit 3577be8): LLaMA-2
-    attention, each layer's MLP split into equal experts, a gate network picking the top num_selects; the
-    chosen experts' outputs are weighted by softmax(top-k logits) (or the raw logits) times score_scale_factor.
-    Refuses, naming the field, the variants its code offers that moe.py does not compute."""
+    """LLaMA-MoE (remote code: pjlab-sys4nlp/llama-moe, modeling_llama_moe_hf.py, commit 3577be8): each
+    layer's MLP split into equal experts, the top num_selects weighted by softmax(top-k logits) (or the raw
+    logits) times score_scale_factor. Refuses, naming the field, the variants moe.py does not compute."""
     def refuse(key, why):
         raise ValueError(f"{source}: {key}={d.get(key)!r} is not supported for llama_moe: {why}")
 
-    if d.get("gate_type", "TopKBalancedNoisyGate") != "TopKBalancedNoisyGate":  # older configs name the gate/calculator
-        refuse("gate_type", "only TopKBalancedNoisyGate, the published models' gate")
-    if d.get("calculator_type", "UniversalCalculator") != "UniversalCalculator":
-        refuse("calculator_type", "only UniversalCalculator (every token reaches its top-k experts, none dropped)")
     gate = str(d.get("gate_network", "mlp")).lower()  # upstream lower-cases it too
-    if gate not in ("mlp", "linear"):
-        refuse("gate_network", "only mlp (Linear -> tanh -> Linear) or linear")
-    if not d.get("multiply_gate_scores", True):
-        refuse("multiply_gate_scores", "the expert outputs must be weighted by the gate scores")
-    if d.get("add_weight_norm"):
-        refuse("add_weight_norm", "no weight norm on the expert outputs")
-    if d.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "the experts are SwiGLU (silu)")
-    if d.get("attention_bias"):
-        refuse("attention_bias", "the published code builds q/k/v/o without biases whatever this says")
-    if float(d.get("rope_theta", 10000.0)) != 10000.0:
-        refuse("rope_theta", "the published code ignores it and always rotates with base 10000")
+    for key, ok, why in (  # (field, is it supported, what is) -- older configs name the gate and calculator
+            ("gate_type", d.get("gate_type", "TopKBalancedNoisyGate") == "TopKBalancedNoisyGate",
+             "only TopKBalancedNoisyGate, the published models' gate"),
+            ("calculator_type", d.get("calculator_type", "UniversalCalculator") == "UniversalCalculator",
+             "only UniversalCalculator (every token reaches its top-k experts, none dropped)"),
+            ("gate_network", gate in ("mlp", "linear"), "only mlp (Linear -> tanh -> Linear) or linear"),
+            ("multiply_gate_scores", d.get("multiply_gate_scores", True), "the gate scores must weight the outputs"),
+            ("add_weight_norm", not d.get("add_weight_norm"), "no weight norm on the expert outputs"),
+            ("hidden_act", d.get("hidden_act", "silu") == "silu", "the experts are SwiGLU (silu)"),
+            ("attention_bias", not d.get("attention_bias"), "the published code builds q/k/v/o without biases"),
+            ("rope_theta", float(d.get("rope_theta", 10000.0)) == 10000.0, "the published code always uses 10000")):
+        if not ok:
+            refuse(key, why)
     E, I, sizes = d["num_experts"], d["intermediate_size"], d.get("size_experts")
     if sizes and len({w for layer in sizes for w in layer}) != 1:
         refuse("size_experts", "experts of one width in every layer (moe.py stacks them)")
@@ -195,10 +187,9 @@ class _BinShard:
 
 
 def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransformer:
-    """Load a Hugging Face checkpoint folder (config.json + safetensors or pytorch_model*.bin, single or
-    sharded, per-expert or fused expert keys). Shard by shard, straight into the requested dtype,
-    so peak host memory stays near one copy of the model. Strict: every tensor consumed,
-    every parameter filled, shapes equal, else one error naming all that is wrong."""
+    """A checkpoint folder (config.json + safetensors or pytorch_model*.bin, single or sharded, per-expert
+    or fused experts), shard by shard into dtype: peak host memory stays near one copy of the model.
+    Strict: every tensor used, every parameter filled, shapes equal, else one error naming all."""
     from safetensors import safe_open
 
     config_file = os.path.join(path, "config.json")
@@ -254,9 +245,8 @@ def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransfor
 
 
 def write_safetensors(tensors: dict, file: str, metadata: dict | None = None):
-    """save_file, then the mode an ordinary new file gets (0666 less the umask, as for config.json):
-    safetensors >= 0.8 writes through a temporary file that it creates 0600 and renames into place
-    (safetensors issue #782), which would leave weights readable by their writer alone."""
+    """save_file, atomically, with the mode of an ordinary new file (0666 less the umask): safetensors
+    >= 0.8 alone leaves 0600, readable by its writer only (safetensors issue #782)."""
     from safetensors.torch import save_file
 
     save_file(tensors, file + ".tmp", metadata=metadata)
@@ -303,10 +293,8 @@ KNOWN_MODELS = {  # --model NAME -> Hugging Face repository
 
 
 def find_checkpoint(name: str, download: bool = True, weights: bool = True) -> str:
-    """A local folder; else a known name or repo id in the local Hugging Face cache; else a
-    download through huggingface_hub. Raises one message saying where it looked. A cached snapshot
-    counts only with the weights from_pretrained reads (weights=False: config.json is enough, for
-    the tokenizer alone)."""
+    """A local folder; else a known name or repo id in the Hugging Face cache, with its weights (weights=False:
+    config.json is enough); else a download. Else one message saying where it looked."""
     if os.path.isdir(name):
         return name
     repo = KNOWN_MODELS.get(name, name)

@@ -1,34 +1,25 @@
 """
-A self-contained Mixture-of-Experts transformer that computes what transformers
-computes for published checkpoints (checked to 1e-4 in fp32 by tests/test_moe.py;
-hf.py loads and saves them). One file, read top to bottom: norm, rotary, attention,
-experts, router and MoE block, loss, block, config, model, generation.
+A self-contained Mixture-of-Experts transformer that computes what transformers computes for
+published checkpoints (to 1e-4 in fp32: tests/test_moe.py; hf.py loads and saves them). Read top
+to bottom: norm, rotary, attention, experts, router and MoE block, loss, block, config, model.
 
-Architectures (picked by config.json's `model_type`):
-- olmoe      OLMoE-1B-7B: QK-norm over the whole q/k projection, softmax router,
-             top-k without renormalisation.
-- qwen2_moe  Qwen1.5-MoE: q/k/v bias, no QK-norm, a shared expert scaled by
-             sigmoid(shared_expert_gate(x)), dense layers by decoder_sparse_step /
-             mlp_only_layers.
+Families (config.json's model_type; their differences are the MoEConfig fields, set in hf.py):
+- olmoe      QK-norm over the whole q/k projection, softmax router, top-k not renormalised.
+- qwen2_moe  q/k/v bias, a shared expert scaled by sigmoid(shared_expert_gate(x)), dense layers.
 - qwen3_moe  QK-norm per head, top-k renormalised, grouped-query attention.
-- mixtral    grouped-query attention, top-k renormalised, w1/w2/w3 expert names.
-- llama_moe  LLaMA-MoE (LLaMA-2-7B with its MLPs split into experts): an MLP router (Linear -> tanh ->
-             Linear), softmax over the top-k logits (or the raw logits), expert outputs scaled by a constant.
+- mixtral    grouped-query attention, top-k renormalised.
+- llama_moe  LLaMA-2 with its MLPs split into experts: an MLP router (Linear -> tanh -> Linear),
+             softmax over the top-k logits (or the raw logits), outputs scaled by a constant.
 
-Notable choices:
-- Experts are stored stacked, one (E, out, in) tensor per projection, so that
-  DR-LoRA can address "expert e, projection p" directly. Dispatch sorts the
-  (token, slot) copies by expert; one grouped matmul (F.grouped_mm) then runs
-  every expert on its contiguous slice, or, as the readable reference with the
-  same numbers, a loop over experts: cost grows with tokens x top-k, not
-  tokens x experts, and on a GPU the kernel count does not grow with E.
-- The router's outputs (logits, top-k ids, gate weights) are returned by every
-  forward (`Output.routers`), never stashed in a global: DR-LoRA reads them each step.
-- Experts have one hook, `Experts.lora`: a module that, given a projection's input
-  rows and how they split over experts, returns what the adapter adds to its output
-  (drlora.py owns adapters; moe.py knows nothing else about them).
-- Given targets, forward returns the loss and no logits: HeadLoss takes the
-  cross-entropy a chunk of rows at a time and never holds (N, vocab) logits.
+Choices:
+- Experts are stacked, one (E, out, in) tensor per projection, so that DR-LoRA can address
+  "expert e, projection p". Dispatch sorts the (token, slot) copies by expert; one grouped matmul
+  (F.grouped_mm) runs every expert on its slice, or, as the readable reference with the same
+  numbers, a loop over experts. Cost grows with tokens x top-k, not tokens x experts.
+- Every forward returns the routers' logits, top-k ids and weights (Output.routers).
+- Experts have one hook, `Experts.lora`: given a projection's input rows and how they split over
+  experts, it returns what the adapter adds (drlora.py owns adapters).
+- Given targets, forward returns the loss and no logits (HeadLoss never holds (N, vocab) logits).
 
 Shapes: B batch, T time, H hidden, N = B*T tokens, E experts, K top-k,
 I expert width, nh/nkv heads, hd head dim, S keys (past + T).
@@ -268,13 +259,9 @@ class MoE(nn.Module):
 
 
 class HeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of the logits h @ W.T against targets, without ever holding the
-    (N, vocab) logits: ROWS rows at a time, the forward computes the loss and, while
-    each chunk's softmax is at hand, the gradients dL/dh and dL/dW; the backward only scales
-    them. Same numbers as F.cross_entropy(h @ W.T) (tests/test_moe.py). Why: the logits, their
-    log-softmax and their gradient are three (N, vocab) fp32 tensors that dominate a fine-tune
-    step's memory at a large vocabulary; chunked, they need ROWS x vocab instead of N x vocab,
-    and writing the gradient while the softmax is at hand saves a pass over them."""
+    """F.cross_entropy(h @ W.T, targets) without the (N, vocab) logits, which with their softmax and
+    gradient dominate a fine-tune step's memory at a large vocabulary: ROWS rows at a time, the
+    forward takes the loss and, while the chunk's softmax is at hand, dL/dh and dL/dW; backward scales them."""
 
     @staticmethod
     def forward(ctx, h, W, targets, grad: bool):  # h (N, H), W (vocab, H), targets (N,)

@@ -60,7 +60,6 @@ class TrainConfig:
     eval_split: str = "test"  # where the metric is read: choose settings on "val", read "test" once at the end
     max_new_tokens: int = 512
     log_interval: int = 10
-    plots: bool = True
     eval_base: bool = True  # evaluate the base model before fine-tuning
     # system
     device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | mps
@@ -81,7 +80,7 @@ PRESETS = {"paper": {}, "tiny": dict(steps=1500, batch_size=16, grad_accum=1, bl
                                      ckpt_interval=250, grad_ckpt=False, r_init=4, r_target=8, r_max=16, dT=100,
                                      dropout=0.0)}
 # settings that may change when resuming
-RESUMABLE = {"resume", "exit_at_step", "eval_interval", "log_interval", "ckpt_interval", "plots", "compile",
+RESUMABLE = {"resume", "exit_at_step", "eval_interval", "log_interval", "ckpt_interval", "compile",
              "eval_samples", "device", "eval_base", "eval_split"}
 
 
@@ -180,12 +179,9 @@ def read_checkpoint(path: str, cfg: TrainConfig) -> dict:
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     saved = json.loads(json.dumps(state["config"]))  # tuples as lists, as in `now`
-    if "lora" in saved:
-        saved = {**saved.pop("lora"), **saved}
-    else:  # written before the method's settings had their own dataclass
-        saved["dropout"], saved["targets"] = saved.pop("lora_dropout"), saved["targets"].split(",")
+    saved = {**saved.pop("lora"), **saved}
     now = json.loads(json.dumps(flat(cfg)))  # tuples as lists, as in the file
-    kept = [k for k in saved if k not in RESUMABLE | {"export", "preset"}]
+    kept = [k for k in saved if k in now and k not in RESUMABLE | {"preset"}]  # flags since removed: ignored
     diff = {k: (saved[k], now.get(k)) for k in kept if now.get(k) != saved[k]}
     if diff:
         raise ValueError(f"--resume with settings that differ from {path} (checkpoint, now): {diff}")
@@ -301,14 +297,14 @@ def main(argv=None):
     if state is not None:
         params = {names[id(p)]: p for p in trainable}
         with torch.no_grad():
-            for n, t in state["trainable"].items():  # names of older checkpoints: lora.A_up_proj
-                params[n.replace(".lora.A_", ".lora.A.").replace(".lora.B_", ".lora.B.")].copy_(t)
+            for n, t in state["trainable"].items():
+                params[n].copy_(t)
         drl.load_state_dict(state["drlora"])
         optimizer.load_state_dict(state["optimizer"])
         start, pos, history = state["step"], state["pos"], state["history"]
         rngs = state["rng"]
         if len(rngs) == world:  # each process continues its own random stream (LoRA dropout)
-            rng = rngs[rank] if isinstance(rngs[rank], dict) else {"cpu": rngs[rank], "cuda": None}
+            rng = rngs[rank]
             torch.set_rng_state(rng["cpu"])
             if rng["cuda"] is not None and device.startswith("cuda"):
                 torch.cuda.set_rng_state(rng["cuda"])
@@ -377,7 +373,7 @@ def main(argv=None):
         if t == cfg.exit_at_step:
             os._exit(3)
     # -------------------------------------------------------------------------
-    # the end: replicas agree, final evaluation, plots, summary
+    # the end: replicas agree, final evaluation, summary
     if ddp:  # every process must hold the same adapters, ranks and router
         # every expert's rank, not their sum: the last event brings every process's sum to the same target
         check = torch.cat([sum(p.double().sum() for p in trainable).view(1), drl.ranks.flatten().double()]).to(device)
@@ -393,18 +389,17 @@ def main(argv=None):
         result = {"method": lcfg.method, "metric": final["metric"], "base_score": base.get("score"),
                   "score": final["score"], "base_val_loss": base.get("val_loss"), "val_loss": final["val_loss"],
                   "active_lora_params": drl.active_lora_parameters(), "ranks": drl.ranks.tolist(),
+                  "f": drl.f.tolist(), "g": drl.expert_importance().tolist(),
                   "seconds": time.time() - t0, "machine": machine(path, device)}
         with open(os.path.join(cfg.out_dir, "result.json"), "w") as f:
             json.dump({"config": asdict(cfg), "result": result, "history": history, "drlora": drl.history}, f)
-        if cfg.plots:
-            log(f"plots: {', '.join(evals.save_plots(cfg.out_dir, history, drl))}")
         better = "" if final["higher_is_better"] else " (lower is better)"
         log(f"\n| | val loss | {final['metric']}{better} |\n|---|---|---|\n"
             f"| base model | {base.get('val_loss', math.nan):.4f} | {base.get('score', math.nan):.3f} |\n"
             f"| {lcfg.method} ({cfg.steps} steps) | {final['val_loss']:.4f} | {final['score']:.3f} |\n"
             f"active LoRA parameters {drl.active_lora_parameters():,}; ranks per layer "
             f"{[sum(r) for r in drl.ranks.tolist()]}; fine-tuning {result['seconds']:.0f}s; "
-            f"adapter {cfg.out_dir}/adapter.safetensors")
+            f"adapter {cfg.out_dir}/adapter.safetensors; figures: python tools/plots.py {cfg.out_dir}")
     if ddp:
         dist.destroy_process_group()
     return result

@@ -261,7 +261,7 @@ def test_the_whole_path_prepare_train_resume_export(tmp_path):
     def argv(out, *extra):
         return ["--model", str(base), "--preset", "tiny", "--task", str(tmp_path / "task"), "--out_dir", str(out),
                 "--steps", "8", "--batch_size", "4", "--r_init", "1", "--r_target", "2", "--r_max", "4", "--dT", "2",
-                "--eval_samples", "4", "--max_new_tokens", "4", "--plots", "false", "--ckpt_interval", "4",
+                "--eval_samples", "4", "--max_new_tokens", "4", "--ckpt_interval", "4",
                 "--eval_base", "false", "--log_interval", "100", *extra]
 
     root = Path(__file__).resolve().parents[1]

@@ -16,6 +16,7 @@ import hf
 import moe
 import train
 from data import arithmetic, common
+from tools import plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -36,7 +37,7 @@ def setup(tmp_path_factory):
 def args(setup, out, *extra):
     return ["--model", str(setup / "base"), "--preset", "tiny", "--task", str(setup / "task"), "--out_dir", str(out),
             "--steps", "12", "--batch_size", "4", "--r_init", "1", "--r_target", "2", "--r_max", "4", "--dT", "3",
-            "--eval_samples", "4", "--eval_interval", "1000", "--max_new_tokens", "3", "--plots", "false",
+            "--eval_samples", "4", "--eval_interval", "1000", "--max_new_tokens", "3",
             "--log_interval", "100", "--ckpt_interval", "6", *extra]
 
 
@@ -138,11 +139,15 @@ def test_two_process_checkpoint_resumed_by_one(setup, tmp_path):
 
 
 def test_writes_result_plots_and_adapter(setup, tmp_path):
-    result = train.main(args(setup, tmp_path, "--plots", "true"))
+    result = train.main(args(setup, tmp_path))
     assert result["method"] == "drlora" and len(result["ranks"]) == 2
+    assert plots.save_plots(str(tmp_path)) == [str(tmp_path / f) for f in ("loss.png", "ranks_over_time.png", "f_g.png")]
     for f in ("loss.png", "ranks_over_time.png", "f_g.png", "adapter.safetensors", "result.json", "ckpt.pt"):
         assert os.path.getsize(tmp_path / f) > 0, f
     saved = json.load(open(tmp_path / "result.json"))
+    # the run's final f and g, for the figures: f sums to each layer's mean weight per token (top-2, unnormalised)
+    f, g = torch.tensor(saved["result"]["f"]), torch.tensor(saved["result"]["g"])
+    assert f.shape == g.shape == (2, 4) and (f > 0).all() and (g >= 0).all() and (f.sum(-1) < 1).all()
     assert len(saved["history"]["loss"]) == 12 and len(saved["history"]["events"]) == 4  # t_warm 0, events 0, 3, 6, 9
     # what the result depends on beyond the settings: the machine, and the base's own bytes
     base = hashlib.sha256((setup / "base" / "model.safetensors").read_bytes()).hexdigest()

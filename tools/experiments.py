@@ -59,7 +59,7 @@ def run_row(name, extra, s, seed, out_root, first):
     out = os.path.join(out_root, name.replace(" ", "_").replace("=", "-") + f"_seed{seed}")
     if os.path.exists(os.path.join(out, "result.json")):  # finished earlier: rerunning resumes the table
         return out, None
-    argv = ["--out_dir", out, "--seed", str(seed), "--plots", "false", "--log_interval", "1000", "--eval_base", str(first),
+    argv = ["--out_dir", out, "--seed", str(seed), "--log_interval", "1000", "--eval_base", str(first),
             "--eval_interval", "100000", "--ckpt_interval", "100000"]
     argv += [f"--{k}={v}" for k, v in s.items()]
     argv += [a.format(**s) for a in extra]

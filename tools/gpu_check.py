@@ -354,7 +354,7 @@ def train(base, task, out, device, deterministic: bool, *extra) -> subprocess.Co
             "--steps", str(RESUME_STEPS), "--batch_size", "8", "--grad_accum", "2", "--block_size", "128",
             "--r_init", "2", "--r_target", "4", "--r_max", "8", "--dT", str(DT), "--dropout", "0.1",
             "--grad_ckpt", "true", "--eval_base", "false", "--eval_interval", "1000", "--eval_samples", "4",
-            "--max_new_tokens", "3", "--plots", "false", "--log_interval", "5", "--ckpt_interval", "10", *extra]
+            "--max_new_tokens", "3", "--log_interval", "5", "--ckpt_interval", "10", *extra]
     cmd = [sys.executable, "-c", DETERMINISTIC, *argv] if deterministic else [sys.executable, "train.py", *argv]
     env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # cuBLAS's deterministic workspace
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
