@@ -54,15 +54,19 @@ def settings(quick: bool) -> dict:
     return s
 
 
+def row_argv(extra, s, seed, out, first) -> list[str]:
+    """train.py's flags for one row: the shared settings s, then the row's own."""
+    argv = ["--out_dir", out, "--seed", str(seed), "--log_interval", "1000", "--eval_base", str(first),
+            "--eval_interval", "100000", "--ckpt_interval", "100000"]
+    return argv + [f"--{k}={v}" for k, v in s.items()] + [a.format(**s) for a in extra]
+
+
 def run_row(name, extra, s, seed, out_root, first):
     """Start one training run (a train.py process, one thread) unless its result already exists."""
     out = os.path.join(out_root, name.replace(" ", "_").replace("=", "-") + f"_seed{seed}")
     if os.path.exists(os.path.join(out, "result.json")):  # finished earlier: rerunning resumes the table
         return out, None
-    argv = ["--out_dir", out, "--seed", str(seed), "--log_interval", "1000", "--eval_base", str(first),
-            "--eval_interval", "100000", "--ckpt_interval", "100000"]
-    argv += [f"--{k}={v}" for k, v in s.items()]
-    argv += [a.format(**s) for a in extra]
+    argv = row_argv(extra, s, seed, out, first)
     os.makedirs(out, exist_ok=True)
     log = open(os.path.join(out, "log.txt"), "w")
     # tiny models run faster on one thread each, two runs side by side on 2 cores
@@ -164,6 +168,14 @@ def main():
             lines.append(f"- seed {seed}: {' / '.join(f'{c:.2f}' for c in corr)} (mean {statistics.mean(corr):.2f}); "
                          f"ranks {ranks}")
         lines.append(f"- f of seed {seeds[-1]}, per layer: {[[round(v, 3) for v in row] for row in f.tolist()]}")
+        other = os.path.join(a.out + ("_quick" if a.quick else ""), f"DR-LoRA_seed{seeds[-1]}")
+        if a.task != "arithmetic" and os.path.exists(os.path.join(other, "ckpt.pt")):  # same base, other task
+            _, ranks_a, f_a = rank_vs_frequency(other)
+            tv = [0.5 * (x / x.sum() - y / y.sum()).abs().sum().item() for x, y in zip(f, f_a)]
+            same = [torch.corrcoef(torch.tensor([x, y]).float())[0, 1].item() for x, y in zip(ranks, ranks_a)]
+            lines.append(f"- against arithmetic (seed {seeds[-1]}, same base): total-variation distance of f_hat per "
+                         f"layer {' / '.join(f'{v:.2f}' for v in tv)}; correlation of the two tasks' final ranks "
+                         f"{' / '.join(f'{c:.2f}' for c in same)}; arithmetic's ranks {ranks_a}")
     lines.append(f"\n{len(jobs) + len(outs)} runs, {time.time() - t0:.0f} s wall ({a.parallel} at a time, one thread each)")
     table = "\n".join(lines)
     print("\n" + table)
