@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402
 
 
-ROWS = {  # name -> train.py flags on top of COMMON
+ROWS = {  # name -> its train.py flags, on top of settings() (the base model is the eighth row)
     "LoRA r=r_target": ["--method", "lora", "--r_max", "{r_target}"],  # allocated at r_target, as a user would
     "LoRA r=r_max": ["--method", "lora", "--r_target", "{r_max}", "--r_max", "{r_max}"],
     "DR-LoRA": [],
