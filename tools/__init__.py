@@ -1,1 +1,2 @@
-"""The research harness: export, the DR-LoRA-vs-LoRA experiments and the benchmark."""
+"""The research harness: export (merged, PEFT), a run's figures, the DR-LoRA-vs-LoRA experiments, the benchmark,
+the GPU check, tokenizer conversion and the reading-path count."""
