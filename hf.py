@@ -4,11 +4,13 @@ named model in the Hugging Face cache or on the Hub, and the tokenizers: bytes f
 else the checkpoint's tokenizer.json through `tokenizers` (tiktoken cannot express OLMoE's NFC
 normaliser and added whitespace tokens).
 """
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
+import types
 
 import torch
 
@@ -163,35 +165,23 @@ def _checkpoint_files(path: str) -> list[str]:
                             f"pytorch_model.bin.index.json")
 
 
-class _BinShard:
-    """A pytorch_model*.bin file read like a safetensors handle. weights_only: the pickle may build tensors
-    and plain containers only, never run code; mmap: tensors stay on disk until copied into the model."""
+def _open_weights(file: str):
+    """A weight file as a context manager holding keys() and get_tensor(key): safetensors, or a pytorch_model*.bin
+    loaded weights_only (the pickle may build tensors, never run code) and mmap (tensors stay on disk until copied)."""
+    if not file.endswith(".bin"):
+        from safetensors import safe_open
 
-    def __init__(self, file: str):
-        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
-            raise ValueError("not a state dict of tensors")
-        self.sd = sd
-
-    def keys(self):
-        return list(self.sd)
-
-    def get_tensor(self, key: str):
-        return self.sd[key]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.sd = None
+        return safe_open(file, framework="pt", device="cpu")
+    sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        raise ValueError("not a state dict of tensors")
+    return contextlib.nullcontext(types.SimpleNamespace(keys=sd.keys, get_tensor=sd.__getitem__))
 
 
 def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransformer:
     """A checkpoint folder (config.json + safetensors or pytorch_model*.bin, single or sharded, per-expert
     or fused experts), shard by shard into dtype: peak host memory stays near one copy of the model.
     Strict: every tensor used, every parameter filled, shapes equal, else one error naming all."""
-    from safetensors import safe_open
-
     config_file = os.path.join(path, "config.json")
     if not os.path.exists(config_file):
         raise FileNotFoundError(f"{config_file} does not exist: not a Hugging Face checkpoint folder")
@@ -207,12 +197,12 @@ def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransfor
     unexpected, bad_shape = [], []
     for file in files:
         try:
-            handle = _BinShard(file) if file.endswith(".bin") else safe_open(file, framework="pt", device="cpu")
+            handle = _open_weights(file)
         except Exception as e:  # truncated, or not a safetensors / torch.save file
             raise ValueError(f"{file}: cannot read {'pytorch_model' if file.endswith('.bin') else 'safetensors'} "
                              f"file ({e})") from e
-        with handle:
-            for key in handle.keys():
+        with handle as weights:
+            for key in weights.keys():
                 targets = _hf_to_ours(key, cfg)
                 if not targets:  # known and not needed
                     continue
@@ -220,7 +210,7 @@ def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransfor
                     unexpected.append(key)  # an unknown name, or an expert beyond num_experts
                     continue
                 try:
-                    t = handle.get_tensor(key)
+                    t = weights.get_tensor(key)
                 except Exception as e:
                     raise ValueError(f"{file}: cannot read tensor {key} ({e})") from e
                 for name, e, rows in targets:
