@@ -7,6 +7,9 @@ the embedded task, over several seeds, printed as a markdown table whatever it s
     python tools/experiments.py --task sorting --rows main   # the second embedded task, without the ablations
     python tools/experiments.py --sweep          # uniform LoRA at ranks 4, 8, 16 on val: how the budget was picked
 
+Runs are one-thread train.py processes, two at a time; a missing tiny base is pretrained first, with one thread
+(RESULTS.md has the times). Rerunning skips the rows whose result.json exists.
+
 Settings were fixed before any row was run (stated in the printed header): every row uses
 the same base model, data, steps, batch, learning rate and schedule; only the method's
 switches differ. The budget (r_target) was picked from a uniform-LoRA rank sweep on the
