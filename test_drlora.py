@@ -678,8 +678,9 @@ def _ddp_worker(rank, world, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    # Leave without the interpreter's teardown: after a run with grouped_mm, a gloo worker sometimes aborts
-    # there ("terminate called without an active exception"), its work done and saved. Cause not found yet.
+    # Leave without the interpreter's teardown, where a DDP process on gloo sometimes aborts ("terminate called
+    # without an active exception") after its work is done and saved: torch's, not this code's (a bare nn.Linear
+    # under DDP does it too, with mp.spawn and with torchrun; the per-expert loop as often as grouped_mm).
     os._exit(0)
 
 
