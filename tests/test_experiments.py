@@ -1,6 +1,9 @@
 """tools/experiments.py without running it: every row is a valid train.py command that differs from
 DR-LoRA only in what the row names, and --quick's shorter schedule still reaches r_target."""
+import json
+
 import pytest
+import torch
 
 import drlora
 import train
@@ -27,3 +30,14 @@ def test_rows_are_the_default_recipe_but_for_their_own_switch(quick):
     # the schedule of the (quick) recipe fits and ends every layer at E * r_target
     t_warm, events, quota, cap = drlora.schedule(dr.lora, dr.steps, n_experts=8)
     assert len(events) * min(quota, 8 * cap) >= 8 * (dr.lora.r_target - dr.lora.r_init)
+
+
+def test_rank_vs_frequency_reads_the_runs_result(tmp_path):
+    ranks = [[4, 8, 12, 8], [8, 8, 8, 8 + 1]]
+    f = [[0.1, 0.2, 0.3, 0.2], [0.4, 0.1, 0.1, 0.2]]  # layer 0: f = ranks / 40 exactly; layer 1: uncorrelated
+    cfg = {"lora": {"method": "drlora", "r_max": 16, "r_target": 8}}
+    (tmp_path / "result.json").write_text(json.dumps({"config": cfg, "result": {
+        "ranks": ranks, "f": f, "active_lora_params": 10 * sum(map(sum, ranks))}}))
+    corr, got_ranks, got_f = experiments.rank_vs_frequency(str(tmp_path))
+    assert got_ranks == ranks and torch.allclose(got_f, torch.tensor(f))
+    assert corr[0] == pytest.approx(1.0) and corr[1] == pytest.approx(0.0, abs=1e-6)

@@ -90,10 +90,11 @@ def result_of(out):
 
 
 def rank_vs_frequency(out):
-    """Per layer, the Pearson correlation of a DR-LoRA run's final ranks with its routing frequency f."""
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["drlora"]
-    ranks, f = ckpt["ranks"].float(), ckpt["f"].float()
-    return [torch.corrcoef(torch.stack([r, fl]))[0, 1].item() for r, fl in zip(ranks, f)], ranks.long().tolist(), f
+    """Per layer, the Pearson correlation of a DR-LoRA run's final ranks with its routing frequency f
+    (both in its result.json). Returns (correlations, ranks, f)."""
+    r = result_of(out)
+    ranks, f = torch.tensor(r["ranks"]).float(), torch.tensor(r["f"])
+    return [torch.corrcoef(torch.stack([x, y]))[0, 1].item() for x, y in zip(ranks, f)], r["ranks"], f
 
 
 def main():
@@ -172,14 +173,14 @@ def main():
                          f"ranks {ranks}")
         lines.append(f"- f of seed {seeds[-1]}, per layer: {[[round(v, 3) for v in row] for row in f.tolist()]}")
         other = os.path.join(a.out + ("_quick" if a.quick else ""), f"DR-LoRA_seed{seeds[-1]}")
-        if a.task != "arithmetic" and os.path.exists(os.path.join(other, "ckpt.pt")):  # same base, other task
+        if a.task != "arithmetic" and os.path.exists(os.path.join(other, "result.json")):  # same base, other task
             _, ranks_a, f_a = rank_vs_frequency(other)
             tv = [0.5 * (x / x.sum() - y / y.sum()).abs().sum().item() for x, y in zip(f, f_a)]
             same = [torch.corrcoef(torch.tensor([x, y]).float())[0, 1].item() for x, y in zip(ranks, ranks_a)]
             lines.append(f"- against arithmetic (seed {seeds[-1]}, same base): total-variation distance of f_hat per "
                          f"layer {' / '.join(f'{v:.2f}' for v in tv)}; correlation of the two tasks' final ranks "
                          f"{' / '.join(f'{c:.2f}' for c in same)}; arithmetic's ranks {ranks_a}")
-    lines.append(f"\n{len(jobs) + len(outs)} runs, {time.time() - t0:.0f} s wall ({a.parallel} at a time, one thread each)")
+    lines.append(f"\n{len(outs)} runs, {time.time() - t0:.0f} s wall ({a.parallel} at a time, one thread each)")
     table = "\n".join(lines)
     print("\n" + table)
     with open(os.path.join(out_root, "table.md"), "w") as fh:
