@@ -298,17 +298,22 @@ class DRLoRA:
     def grow(self, t: int):
         cfg, S, ranks = self.cfg, self.saliency(), self.ranks
         L, E = ranks.shape
-        target = E * cfg.r_target
-        # The last event gives whatever is still missing, past the per-event cap if it must: experts
-        # full at r_max can leave earlier events short, and every layer must end at exactly E * r_target.
         last = t == self.events[-1]
-        quota, cap = (E * cfg.r_max, cfg.r_max) if last else (self.quota, self.cap)
+
+        def grow_pool(S, ranks, target, quota):  # one pool of experts: a layer, or all layers with "global"
+            left = target - int(ranks.sum())
+            # The last event gives all the pool still lacks (that is min(quota, left) unless experts full
+            # at r_max left earlier events short), at the cap like any other event; only what the cap
+            # cannot place then goes past it, still by saliency, so that no pool ever ends short.
+            new = allocate(S, ranks, left if last else min(quota, left), self.cap, cfg.r_max)
+            if last:
+                new = allocate(S, new, target - int(new.sum()), cfg.r_max, cfg.r_max)
+            return new
+
         if cfg.allocation == "layer":
-            new = torch.stack([allocate(S[l], ranks[l], min(quota, target - int(ranks[l].sum())), cap, cfg.r_max)
-                               for l in range(L)])
+            new = torch.stack([grow_pool(S[l], ranks[l], E * cfg.r_target, self.quota) for l in range(L)])
         else:  # one pool: the quotas and targets of all layers together, experts compared across layers
-            left = L * target - int(ranks.sum())
-            new = allocate(S.flatten(), ranks.flatten(), min(L * quota, left), cap, cfg.r_max).view(L, E)
+            new = grow_pool(S.flatten(), ranks.flatten(), L * E * cfg.r_target, L * self.quota).view(L, E)
         for l, blk in enumerate(self.blocks):
             blk.experts.lora.set_ranks(new[l])
         for p in cfg.targets:  # g restarts after every event; f is kept

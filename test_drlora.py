@@ -242,12 +242,12 @@ def test_allocate_by_hand():
 
 
 def test_grow_event_through_step_with_hand_statistics():
-    # 1 layer, 4 experts, r 1 -> 2, r_max 5, p_grow 0.5, T 100, dT 40:
+    # 1 layer, 4 experts, r 1 -> 2, r_max 5, p_grow 0.25, T 100, dT 40:
     # t_warm = floor(0.03 * 100) = 3; events 3, 43 (83 > 100 - 40 = 60); Q = ceil(4 * (2-1) / 2) = 2;
-    # cap = max(1, floor((5 - 1) * 0.5)) = 2
+    # cap = max(1, floor((5 - 1) * 0.25)) = 1
     m = tiny(n_layer=1, n_experts=4)
-    d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=1, r_target=2, r_max=5, dT=40, p_grow=0.5), total_steps=100)
-    assert (d.t_warm, d.events, d.quota, d.cap) == (3, [3, 43], 2, 2)
+    d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=1, r_target=2, r_max=5, dT=40, p_grow=0.25), total_steps=100)
+    assert (d.t_warm, d.events, d.quota, d.cap) == (3, [3, 43], 2, 1)
     lora = m.moe_layers()[0].experts.lora
     # routing: each expert gets weight 0.5 from one of the 2 tokens: f = 0.1 * 0.5 / 2 = 0.025 each
     d.observe([router([[0, 1], [2, 3]], [[0.5, 0.5], [0.5, 0.5]], 4)])
@@ -262,18 +262,18 @@ def test_grow_event_through_step_with_hand_statistics():
         lora.B["up_proj"][1, 0, 0], lora.B["up_proj"].grad[1, 0, 0] = 1.0, 2.0  # 2
     event = d.step(3)  # step 3's statistics count in step 3's event
     # g per expert: (0.1 * s + 0) / 2 projections: e3 0.6, e1 0.1, e0 = e2 = 0. g_hat: 6/7, 1/7, 0, 0; f_hat 1/4 each
-    # S = f_hat * g_hat / 2^1.2: e3 > e1 > e0 = e2 = 0 -> e3 takes the whole quota of 2 (cap 2)
+    # S = f_hat * g_hat / 2^1.2: e3 > e1 > e0 = e2 = 0 -> the quota of 2 at cap 1: e3 +1, then e1 +1
     torch.testing.assert_close(torch.tensor(event["saliency"][0]),
                                torch.tensor([0.0, 0.25 / 7, 0.0, 0.25 * 6 / 7]) / 2 ** 1.2)
-    assert event["ranks"] == [[1, 1, 1, 3]] and event["grown"] == [[0, 0, 0, 2]]
-    assert lora.r == [1, 1, 1, 3]  # the python mirror used by the forward follows
+    assert event["ranks"] == [[1, 2, 1, 2]] and event["grown"] == [[0, 1, 0, 1]]
+    assert lora.r == [1, 2, 1, 2]  # the python mirror used by the forward follows
     assert all(v.abs().sum() == 0 for v in d.g.values())  # g reset
     torch.testing.assert_close(d.f, torch.full((1, 4), 0.025))  # f kept
-    # the last event, no new statistics: S = 0 everywhere, ties -> lower index first;
-    # quota min(Q = 2, 4 * 2 - 6 = 2) = 2 -> e0 takes 2 (cap 2)
+    # the last event, no new statistics: S = 0 everywhere, ties -> lower index first; it lacks 4 * 2 - 6 = 2,
+    # given like any event's quota at cap 1: e0 +1, e1 +1 (to 3). (A cap lifted to r_max would give e0 +2.)
     for P in (lora.A["up_proj"], lora.B["up_proj"]):
         P.grad = None
-    assert d.step(43)["ranks"] == [[3, 1, 1, 3]]
+    assert d.step(43)["ranks"] == [[2, 3, 1, 2]]
     assert d.ranks.sum() == 4 * 2  # N * r_target
 
 
@@ -740,8 +740,49 @@ def test_the_last_event_passes_the_cap_so_every_layer_ends_at_its_target():
             d.g[p][:] = 1.0
         d.grow(t)
     # events 1-5: Q = 2, cap 1: experts 0 and 1 get +1 each until both are at 6, expert 2 stays at 1: [6, 6, 1] = 13;
-    # the last event: 15 - 13 = 2 missing, experts 0 and 1 are full, the cap is lifted: expert 2 gets both -> 3
+    # the last event lacks 15 - 13 = 2: at the cap expert 2 takes 1 (0 and 1 are full), then past it the last 1
     assert d.ranks.tolist() == [[6, 6, 3]] and sum(d.ranks[0].tolist()) == 3 * 5
+    assert [e["grown"][0] for e in d.history] == [[1, 1, 0]] * 5 + [[0, 0, 2]]
+
+
+def test_the_last_event_keeps_the_cap_for_every_expert_with_room_under_it():
+    # N=4, r 1 -> 4, r_max 8, T=100, dT=30: t_warm 3, events 3, 33, 63; cap = max(1, floor(7 * 0.1)) = 1
+    m = tiny(n_layer=1, n_experts=4)
+    d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=1, r_target=4, r_max=8, dT=30), total_steps=100)
+    assert (d.events, d.cap) == ([3, 33, 63], 1)
+    # before the last event: expert 0 full at r_max, the others at r_init: 8 + 1 + 1 + 1 = 11 of 16, 5 lacking
+    m.moe_layers()[0].experts.lora.set_ranks(torch.tensor([8, 1, 1, 1]))
+    d.f[0] = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    set_g(d, 0, 0, 1.0), set_g(d, 0, 1, 1.0), set_g(d, 0, 2, 1.0), set_g(d, 0, 3, 1.0)  # S order: e0, e1, e2, e3
+    # at the cap: e0 full (+0), e1 +1, e2 +1, e3 +1 -> [8, 2, 2, 2], 2 still lacking, which only then go
+    # past the cap, by saliency: e1 min(8, 8 - 2, 2) = +2 -> [8, 4, 2, 2]. Every expert with room under the
+    # cap got it first: a cap lifted at once would have given e1 all 5 ([8, 6, 1, 1]).
+    assert d.grow(63)["grown"] == [[0, 3, 1, 1]]
+    assert d.ranks.tolist() == [[8, 4, 2, 2]]
+
+
+def test_the_paper_schedule_at_64_and_60_experts_never_passes_the_cap():
+    # The paper's settings: r 8 -> 16, r_max 32, dT 200, p_grow 0.1, T 3,750: t_warm = floor(112.5) = 112,
+    # events 112 + 200 k for k = 0 .. 17 (18), cap = max(1, floor(24 * 0.1)) = 2.
+    # 64 experts (OLMoE): need 64 * 8 = 512, Q = ceil(512 / 18) = 29: 17 events give 29 (493), the last 512 - 493 = 19.
+    # 60 experts (Qwen1.5-MoE): need 480, Q = ceil(480 / 18) = ceil(26.67) = 27: 17 x 27 = 459, the last 21.
+    # Q < N * cap (29 < 128, 27 < 120): saliency decides who grows. Fixed statistics, g equal for every expert,
+    # f strictly falling with the index in layer 0 and rising in layer 1: S = f_hat / (r + 1)^1.2, so the
+    # most frequent experts grow first until the rank penalty lets the next ones pass them.
+    for E, K, Q, last in ((64, 8, 29, 19), (60, 4, 27, 21)):
+        m = tiny(n_layer=2, n_experts=E, top_k=K, hidden_size=8, intermediate_size=8)
+        d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=8, r_target=16, r_max=32, dT=200), total_steps=3750)
+        assert (d.t_warm, d.events, d.quota, d.cap) == (112, [112 + 200 * k for k in range(18)], Q, 2)
+        d.f[0] = torch.linspace(1.0, 0.5, E)  # strictly falling: expert 0 first
+        d.f[1] = torch.linspace(0.5, 1.0, E)  # strictly rising: expert E - 1 first
+        for t in d.events:
+            for p in d.cfg.targets:
+                d.g[p][:] = 1.0
+            d.grow(t)
+        given = [[sum(g) for g in e["grown"]] for e in d.history]
+        assert given == [[Q, Q]] * 17 + [[last, last]]
+        assert max(max(g) for e in d.history for g in e["grown"]) == 2  # the cap, in every event, the last too
+        assert d.ranks.sum(-1).tolist() == [E * 16, E * 16] and d.ranks.max() <= 32
 
 
 class Recorder:
