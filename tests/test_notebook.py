@@ -5,7 +5,7 @@ root, with every cell's output cleared first so that only this run's output coun
 clone there is no cached base model, so the notebook pretrains a quick one (about 2 minutes in
 all on 2 idle CPU cores); where the cache exists it loads it (about 75 seconds). A machine whose
 cores are busy with other work can take ten times as long. To test the clean-clone path on a
-machine with the cache: DRLORA_NOTEBOOK_FRESH=1 python -m pytest test_notebook.py
+machine with the cache: DRLORA_NOTEBOOK_FRESH=1 python -m pytest tests/test_notebook.py
 """
 import os
 
