@@ -9,8 +9,9 @@ exactly as SPEC.md specifies. Everything about growing ranks lives here.
         └─► dropout ─► A_p[i][:r_i] ─► B_p[i][:, :r_i] ─► × s
                        (r_i, d_in)     (d_out, r_i)
 
-    A and B are allocated at r_max; only the first r_i slots (the active prefix) take
-    part, by slicing, so inactive slots add exactly zero and get exactly zero gradient.
+    A and B are allocated at r_max; only the first r_i slots (the active prefix) take part
+    (sliced in the per-expert loop, masked in the grouped matmul), so inactive slots add
+    exactly zero and get exactly zero gradient.
 
 Every dT optimizer steps after warm-up, per layer, the experts with the highest
 saliency  S = f_hat * g_hat / (r + 1)^gamma  get more active rank, until every layer
@@ -20,10 +21,8 @@ holds N * r_target ranks (what uniform LoRA of rank r_target holds):
   the expert's active slots and its projections; reset after each growth event.
 """
 import contextlib
-import hashlib
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,14 +30,19 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import hf
 import moe
+
+
+def check(ok, flag: str, value, what: str):
+    """One setting's range or choices: the error names the flag and the value."""
+    if not ok:
+        raise ValueError(f"--{flag} must be {what}, got {value!r}")
 
 
 @dataclass
 class DRLoRAConfig:
     method: str = "drlora"  # "drlora" | "lora" (uniform LoRA at r_target, no growth: the baseline)
-    r_init: int = 8
+    r_init: int = 8  # every expert's active rank at the start
     r_target: int = 16  # per-layer budget: N * r_target active expert-ranks at the end
     r_max: int = 32  # slots allocated per expert
     dT: int = 200  # optimizer steps between growth events
@@ -54,18 +58,23 @@ class DRLoRAConfig:
     allocation: str = "layer"  # "layer": per-layer quota | "global": one pool for all layers (ablation)
     warmup_frac: float = 0.03  # growth starts when the learning-rate warm-up ends
 
-    def __post_init__(self):
+    def __post_init__(self):  # each setting's range or choices, checked before anything is loaded
         self.targets = tuple(self.targets)
         if self.method == "lora":
             self.r_init = self.r_target
         for name, allowed in (("method", ("drlora", "lora")), ("saliency", ("fg", "f", "g")),
                               ("freq", ("weight", "count")), ("allocation", ("layer", "global"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+            check(getattr(self, name) in allowed, name, getattr(self, name), f"one of {', '.join(allowed)}")
         if not 1 <= self.r_init <= self.r_target <= self.r_max:
             raise ValueError(f"need 1 <= r_init <= r_target <= r_max, got {self.r_init}, {self.r_target}, {self.r_max}")
-        if not self.targets or not set(self.targets) <= {"gate_proj", "up_proj", "down_proj"}:
-            raise ValueError(f"targets must be among gate_proj, up_proj, down_proj, got {self.targets}")
+        check(self.targets and set(self.targets) <= {"gate_proj", "up_proj", "down_proj"}, "targets", self.targets,
+              "among gate_proj, up_proj, down_proj")
+        check(self.dT >= 1, "dT", self.dT, "at least 1")
+        check(0 < self.p_grow <= 1, "p_grow", self.p_grow, "in (0, 1]")
+        for name in ("beta", "dropout", "warmup_frac"):
+            check(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
+        check(0 <= self.gamma < math.inf, "gamma", self.gamma, ">= 0 and finite")
+        check(0 < self.scale < math.inf, "scale", self.scale, "positive and finite")
 
 
 def _plain(cfg: DRLoRAConfig) -> dict:
@@ -129,7 +138,6 @@ class ExpertLoRA(nn.Module):
         self.register_buffer("ranks", torch.full((E,), cfg.r_init, dtype=torch.long, device=device))
         self.r = self.ranks.tolist()  # the same ranks as python ints: slicing by them needs no device sync
         self.drop = nn.Dropout(cfg.dropout)
-        self._mask = None  # (rows' experts, which of their slots are active), for the rows being computed
 
     def set_ranks(self, ranks):
         self.ranks.copy_(ranks)
@@ -138,17 +146,14 @@ class ExpertLoRA(nn.Module):
     def forward(self, p: str, x, groups):
         """s * B[e][:, :r_e] @ A[e][:r_e] @ dropout(x) for each row x of expert e: (n, d_in) -> (n, d_out)."""
         A, B, x = self.A[p], self.B[p], self.drop(x)
-        # grouped: every expert at the layer's largest active rank R (rounded up so that grouped_mm's rows
-        # stay 16-byte aligned), the slots beyond its own rank masked to exactly zero, and so given
-        # exactly zero gradient
-        R = min(-(-max(self.r) // (16 // x.element_size())) * (16 // x.element_size()), self.cfg.r_max)
-        if groups.offs is not None and moe.aligned(x, R, self.cfg.r_max):  # r_max: the row stride of B
+        R = min(moe.align(max(self.r), x), self.cfg.r_max)  # the largest rank, rounded up for grouped_mm
+        if groups.offs is not None and moe.aligned(x, R):
+            # grouped: every expert at rank R, B's columns past its own rank zeroed, so that those slots add
+            # exactly zero and (A's rows through B, B's columns through the zeros) get exactly zero gradient
+            active = torch.arange(R, device=x.device) < self.ranks[:, None]  # (E, R)
             h = F.grouped_mm(x, A[:, :R].transpose(-2, -1).to(x.dtype), offs=groups.offs)  # (n, R)
-            if self._mask is None or self._mask[0] is not groups.ids:  # once per layer and forward (up, down)
-                slots = torch.arange(self.cfg.r_max, device=x.device)
-                self._mask = (groups.ids, slots < self.ranks[groups.ids, None])
-            h = h * self._mask[1][:, :R]
-            return self.cfg.scale * F.grouped_mm(h, B[:, :, :R].transpose(-2, -1).to(x.dtype), offs=groups.offs)
+            B = (B[:, :, :R] * active[:, None, :]).to(x.dtype)  # (E, d_out, R)
+            return self.cfg.scale * F.grouped_mm(h, B.transpose(-2, -1), offs=groups.offs)
         # the loop: each expert computes only its active prefix of slots
         counts = groups.counts or torch.bincount(groups.ids, minlength=len(self.r)).tolist()
         As, Bs = A.unbind(0), B.unbind(0)  # one autograd node each, as in moe.expert_matmul
@@ -376,7 +381,7 @@ def train_step(model, drl: DRLoRA, optimizer, micro_batches, t: int, grad_clip: 
 
 
 # -----------------------------------------------------------------------------
-# merge, and the adapter file
+# merge: the adapters folded into the weights (hf.save_adapter / load_adapter keep them apart)
 
 
 def merge(model):
@@ -386,78 +391,3 @@ def merge(model):
             blk.experts.lora.merge_into(blk.experts)
             blk.experts.lora = None
     return model
-
-
-def base_identity(model) -> dict:
-    """What an adapter must be applied to: the architecture, and a fingerprint of the frozen embedding,
-    so that a same-shaped other model (another family, or another fine-tune of the same) is refused."""
-    arch = {k: v for k, v in asdict(model.cfg).items() if k != "hf"}
-    rows = model.embed_tokens.weight[:8].detach().to("cpu", torch.bfloat16)  # a checkpoint's bf16 bits
-    return {"arch": json.loads(json.dumps(arch)),
-            "embed_sha256": hashlib.sha256(rows.view(torch.int16).numpy()).hexdigest()}
-
-
-def save_adapter(model, path: str, cfg: DRLoRAConfig):
-    """safetensors with only the active slots: per layer and projection, the experts' A rows
-    stacked (sum r, d_in) and B columns (d_out, sum r); plus the ranks, the router (trained
-    after warm-up unless freeze_router: without it the base's router comes back), the settings
-    and the base's identity."""
-    tensors = {}
-    for l, blk in enumerate(model.moe_layers()):
-        lora = blk.experts.lora
-        tensors[f"layers.{l}.ranks"] = lora.ranks.cpu()
-        if not cfg.freeze_router:
-            for name, t in blk.gate.state_dict().items():
-                tensors[f"layers.{l}.router.{name}"] = t.cpu().contiguous()
-        for p in cfg.targets:
-            A, B = lora.A[p], lora.B[p]
-            tensors[f"layers.{l}.{p}.A"] = torch.cat([A[e, :r] for e, r in enumerate(lora.r)]).detach().cpu()
-            tensors[f"layers.{l}.{p}.B"] = torch.cat([B[e, :, :r] for e, r in enumerate(lora.r)], 1).detach().cpu()
-    meta = {"drlora": json.dumps(asdict(cfg)), "base": json.dumps(base_identity(model))}
-    hf.write_safetensors(tensors, path, meta)  # atomic, and readable by others (safetensors alone writes 0600)
-
-
-def load_adapter(model, path: str) -> DRLoRAConfig:
-    """Attach the adapter saved by save_adapter to a fresh base model (inactive slots zero)."""
-    from safetensors import safe_open
-
-    try:
-        f = safe_open(path, framework="pt")
-    except Exception as e:  # not there, or not a safetensors file (a ckpt.pt, say)
-        raise ValueError(f"{path}: cannot read it as a drlora adapter (safetensors): {e}") from e
-    with f:
-        meta = f.metadata()
-        if not meta or "drlora" not in meta:
-            raise ValueError(f"{path}: not a drlora adapter (no 'drlora' settings in its metadata)")
-        if "base" not in meta:
-            warnings.warn(f"{path} does not record its base model (written by an older drlora): it cannot be checked")
-        else:
-            saved, here = json.loads(meta["base"]), base_identity(model)
-            here["arch"] = {k: v for k, v in here["arch"].items() if k in saved["arch"]}  # fields added since
-            if saved != here:
-                diff = {k: (saved["arch"].get(k), v) for k, v in here["arch"].items() if saved["arch"].get(k) != v}
-                what = f"settings that differ (adapter's base, this model): {diff}" if diff else \
-                    f"the same settings but other weights (embedding fingerprint {saved['embed_sha256'][:12]} " \
-                    f"vs {here['embed_sha256'][:12]})"
-                raise ValueError(f"{path} was trained on another base model than this one: {what}")
-        cfg = DRLoRAConfig(**json.loads(meta["drlora"]))
-        blocks, keys = model.moe_layers(), set(f.keys())
-        for l, blk in enumerate(blocks):
-            lora = ExpertLoRA(blk.experts, cfg)
-            lora.set_ranks(f.get_tensor(f"layers.{l}.ranks"))
-            router = {name: f"layers.{l}.router.{name}" for name in blk.gate.state_dict()}
-            with torch.no_grad():
-                for name, key in router.items():
-                    if key in keys:
-                        blk.gate.get_parameter(name).copy_(f.get_tensor(key))
-                for p in cfg.targets:
-                    A, B = lora.A[p], lora.B[p]
-                    A.zero_()
-                    A_act, B_act = f.get_tensor(f"layers.{l}.{p}.A"), f.get_tensor(f"layers.{l}.{p}.B")
-                    start = 0
-                    for e, r in enumerate(lora.r):
-                        A[e, :r] = A_act[start:start + r]
-                        B[e, :, :r] = B_act[:, start:start + r]
-                        start += r
-            blk.experts.lora = lora.to(blk.experts.up_proj.device).train(blk.experts.training)  # follow model.eval()
-    return cfg

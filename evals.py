@@ -1,9 +1,12 @@
 """
-Evaluation for train.py. An SFT sample is prompt + answer (the loss mask marks the answer), so one
-file serves the loss and the prompts. val_loss: cross-entropy per answer token. exact_match (GSM8K,
-the embedded tasks): greedy decoding, then the final answers of output and reference compared
-(common.extract_number, or the embedded task's extract_answer). Any other metric a task's manifest
-names is computed by the "evaluator" module it names (tasks/metrics.py), imported by name.
+Evaluation: the held-out loss and the task's own metric (tools/evaluate.py scores a saved adapter with it).
+
+An SFT sample is prompt + answer (the loss mask marks the answer), so one file serves the loss and the
+prompts. val_loss: cross-entropy per answer token. The metric is the one the task's manifest.json names,
+computed by the "evaluator" module it names: exact_match (the embedded tasks) is greedy decoding with the
+final answers of output and reference read by the evaluator's extract_answer; any other metric is the
+evaluator's own evaluate() (tasks/metrics.py for the real tasks), imported by name, so that the core
+never imports the harness.
 """
 import importlib
 import os
@@ -11,8 +14,7 @@ import os
 import torch
 
 from data import common
-
-extract_number = common.extract_number  # the final number of a GSM8K-style answer
+from moe import IGNORE_INDEX
 
 
 def split_sample(ids, mask):
@@ -37,7 +39,7 @@ def val_loss(model, dataset, block_size: int, pad_id: int, batch_size: int = 32,
         x, y, mask = x.to(device), y.to(device), mask.to(device)
         with autocast or torch.autocast("cpu", enabled=False):
             loss = model(x, targets=y, attention_mask=mask).loss  # mean over this batch's answer tokens
-        k = (y != common.IGNORE_INDEX).sum().item()
+        k = (y != IGNORE_INDEX).sum().item()
         total += loss.item() * k
         count += k
     model.train(was_training)
@@ -63,8 +65,8 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     return texts
 
 
-def exact_match(model, tokenizer, dataset, n: int | None = None, batch_size: int = 64, max_new_tokens: int = 24,
-                autocast=None, examples: int = 0, extract=extract_number):
+def exact_match(model, tokenizer, dataset, extract, n: int | None = None, batch_size: int = 64,
+                max_new_tokens: int = 24, autocast=None, examples: int = 0):
     """Greedy-decode each prompt, extract the final answer from the output and from the reference
     answer, count equal ones. Returns (accuracy, [(prompt, output, ok)] examples)."""
     n = len(dataset) if n is None else min(n, len(dataset))
@@ -83,32 +85,37 @@ def exact_match(model, tokenizer, dataset, n: int | None = None, batch_size: int
 # --- the task's own metric
 
 
-GENERATED = ("arithmetic", "sorting")  # embedded tasks: data/<name>.py reads its own answers (extract_answer)
-
-
 def evaluate_task(model, tokenizer, folder, test_set, n: int | None = None, max_new_tokens: int = 24, autocast=None,
                   examples: int = 0) -> tuple[dict, list]:
-    """The metric the task's manifest names (exact match if none): ({"metric", "score", "higher_is_better",
-    ...}, [(prompt or task id, output, ok)]). Others come from the manifest's "evaluator" module, imported
-    by name: the core never imports the harness (tasks/)."""
-    manifest = test_set.manifest
-    metric = manifest.get("metric", "exact_match")
-    if metric == "exact_match":
-        name = os.path.basename(os.path.normpath(folder))
-        extract = importlib.import_module(f"data.{name}").extract_answer if name in GENERATED else extract_number
-        acc, shown = exact_match(model, tokenizer, test_set, n, max_new_tokens=max_new_tokens, autocast=autocast,
-                                 examples=examples, extract=extract)
-        return {"metric": "accuracy", "score": acc, "higher_is_better": True}, shown
-    path = os.path.join(folder, "manifest.json")
-    evaluator = manifest.get("evaluator")
-    if not isinstance(evaluator, str) or not evaluator:
-        raise ValueError(f"{path}: metric {metric!r} but no 'evaluator' module to compute it (made by an older "
-                         f"version); remake the folder with the task's prepare script: `{common.maker(path)}`")
+    """The metric the task's manifest names, by the evaluator module it names: ({"metric", "score",
+    "higher_is_better", ...}, [(prompt or task id, output, ok)])."""
+    manifest, path = test_set.manifest, os.path.join(folder, "manifest.json")
+    metric, evaluator = manifest.get("metric"), manifest.get("evaluator")
+    if not (isinstance(metric, str) and isinstance(evaluator, str) and metric and evaluator):
+        raise ValueError(f"{path} names no 'metric' and 'evaluator' to score the task with; remake the folder: "
+                         f"`{common.maker(path)}`")
     try:
         module = importlib.import_module(evaluator)
     except ModuleNotFoundError as e:
         if e.name is None or not (evaluator + ".").startswith(e.name + "."):
             raise  # the evaluator exists but lacks one of its own dependencies: that error says which
         raise ValueError(f"{path}: evaluator {evaluator!r} cannot be imported ({e})") from e
+    if metric == "exact_match":
+        acc, shown = exact_match(model, tokenizer, test_set, module.extract_answer, n, max_new_tokens=max_new_tokens,
+                                 autocast=autocast, examples=examples)
+        return {"metric": "accuracy", "score": acc, "higher_is_better": True}, shown
     return module.evaluate(metric, model, tokenizer, folder, test_set, n, max_new_tokens=max_new_tokens,
                            autocast=autocast, examples=examples)
+
+
+def evaluate(what: str, model, tokenizer, task: common.Task, n: int, block_size: int, max_new_tokens: int,
+             autocast=None, examples: int = 0, log=print) -> dict:
+    """The held-out loss on task.val and the task's metric on task.test, logged with a few examples:
+    {"val_loss", "metric", "score", "higher_is_better", ...}."""
+    block_size = min(block_size, model.cfg.max_seq_len)
+    loss = val_loss(model, task.val, block_size, tokenizer.pad_id, n=n, autocast=autocast)
+    r, shown = evaluate_task(model, tokenizer, task.folder, task.test, n, max_new_tokens, autocast, examples)
+    log(f"{what}: val loss {loss:.4f}, {r['metric']} {r['score']:.3f} ({min(n, len(task.test))} {task.split} samples)")
+    for prompt, out, ok in shown:
+        log(f"  {'ok ' if ok else 'bad'} {prompt!r} -> {out!r}")
+    return {"val_loss": loss, **r}

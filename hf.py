@@ -1,8 +1,8 @@
 """
-moe.py's I/O: config.json to MoEConfig and back, strict checkpoint loading and saving, finding a
-named model in the Hugging Face cache or on the Hub, and the tokenizers: bytes for the tiny model,
-else the checkpoint's tokenizer.json through `tokenizers` (tiktoken cannot express OLMoE's NFC
-normaliser and added whitespace tokens).
+The files: config.json to MoEConfig and back, strict checkpoint loading and saving, finding a named
+model in the Hugging Face cache or on the Hub, DR-LoRA's adapter file, and the tokenizers: bytes for the
+tiny model, else the checkpoint's tokenizer.json through `tokenizers` (tiktoken cannot express OLMoE's
+NFC normaliser and added whitespace tokens).
 """
 import contextlib
 import glob
@@ -11,9 +11,11 @@ import json
 import os
 import re
 import types
+from dataclasses import asdict
 
 import torch
 
+from drlora import DRLoRAConfig, ExpertLoRA
 from moe import MoEConfig, MoETransformer
 
 # -----------------------------------------------------------------------------
@@ -77,7 +79,7 @@ def _llama_moe(d: dict, source: str) -> dict:
         raise ValueError(f"{source}: {key}={d.get(key)!r} is not supported for llama_moe: {why}")
 
     gate = str(d.get("gate_network", "mlp")).lower()  # upstream lower-cases it too
-    for key, ok, why in (  # (field, is it supported, what is) -- older configs name the gate and calculator
+    for key, ok, why in (  # (field, supported?, what is supported); older configs name the gate and calculator
             ("gate_type", d.get("gate_type", "TopKBalancedNoisyGate") == "TopKBalancedNoisyGate",
              "only TopKBalancedNoisyGate, the published models' gate"),
             ("calculator_type", d.get("calculator_type", "UniversalCalculator") == "UniversalCalculator",
@@ -266,6 +268,78 @@ def save_pretrained(model: MoETransformer, path: str, state_dict: dict | None = 
                       metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(model.cfg), f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# DR-LoRA's adapter file: only the active slots, the ranks, the trained router, the settings, the base's identity
+
+
+def base_identity(model) -> dict:
+    """What an adapter must be applied to: the architecture, and a fingerprint of the frozen embedding,
+    so that a same-shaped other model (another family, or another fine-tune of the same) is refused."""
+    arch = {k: v for k, v in asdict(model.cfg).items() if k != "hf"}
+    rows = model.embed_tokens.weight[:8].detach().to("cpu", torch.bfloat16)  # a checkpoint's bf16 bits
+    return {"arch": json.loads(json.dumps(arch)),
+            "embed_sha256": hashlib.sha256(rows.view(torch.int16).numpy()).hexdigest()}
+
+
+def save_adapter(model, path: str, cfg: DRLoRAConfig):
+    """safetensors with only the active slots: per layer and projection, the experts' A rows stacked
+    (sum r, d_in) and B columns (d_out, sum r); plus the ranks, the router (trained after warm-up unless
+    freeze_router: without it the base's router comes back), the settings and the base's identity."""
+    tensors = {}
+    for l, blk in enumerate(model.moe_layers()):
+        lora = blk.experts.lora
+        tensors[f"layers.{l}.ranks"] = lora.ranks.cpu()
+        if not cfg.freeze_router:
+            for name, t in blk.gate.state_dict().items():
+                tensors[f"layers.{l}.router.{name}"] = t.cpu().contiguous()
+        for p in cfg.targets:
+            A, B = lora.A[p], lora.B[p]
+            tensors[f"layers.{l}.{p}.A"] = torch.cat([A[e, :r] for e, r in enumerate(lora.r)]).detach().cpu()
+            tensors[f"layers.{l}.{p}.B"] = torch.cat([B[e, :, :r] for e, r in enumerate(lora.r)], 1).detach().cpu()
+    meta = {"drlora": json.dumps(asdict(cfg)), "base": json.dumps(base_identity(model))}
+    write_safetensors(tensors, path, meta)
+
+
+def load_adapter(model, path: str) -> DRLoRAConfig:
+    """Attach the adapter saved by save_adapter to a fresh base model (inactive slots zero)."""
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(path, framework="pt")
+    except Exception as e:  # not there, or not a safetensors file (a ckpt.pt, say)
+        raise ValueError(f"{path}: cannot read it as a drlora adapter (safetensors): {e}") from e
+    with f:
+        meta = f.metadata() or {}
+        if "drlora" not in meta or "base" not in meta:
+            raise ValueError(f"{path}: not a drlora adapter (no 'drlora' settings and 'base' in its metadata)")
+        saved, here = json.loads(meta["base"]), base_identity(model)
+        if saved != here:
+            diff = {k: (saved["arch"].get(k), v) for k, v in here["arch"].items() if saved["arch"].get(k) != v}
+            what = f"settings that differ (adapter's base, this model): {diff}" if diff else \
+                f"the same settings but other weights (embedding fingerprint {saved['embed_sha256'][:12]} " \
+                f"vs {here['embed_sha256'][:12]})"
+            raise ValueError(f"{path} was trained on another base model than this one: {what}")
+        cfg = DRLoRAConfig(**json.loads(meta["drlora"]))
+        for l, blk in enumerate(model.moe_layers()):
+            lora = ExpertLoRA(blk.experts, cfg)
+            lora.set_ranks(f.get_tensor(f"layers.{l}.ranks"))
+            with torch.no_grad():
+                if not cfg.freeze_router:
+                    for name in blk.gate.state_dict():
+                        blk.gate.get_parameter(name).copy_(f.get_tensor(f"layers.{l}.router.{name}"))
+                for p in cfg.targets:
+                    A, B = lora.A[p], lora.B[p]
+                    A.zero_()
+                    A_act, B_act = f.get_tensor(f"layers.{l}.{p}.A"), f.get_tensor(f"layers.{l}.{p}.B")
+                    start = 0
+                    for e, r in enumerate(lora.r):
+                        A[e, :r] = A_act[start:start + r]
+                        B[e, :, :r] = B_act[:, start:start + r]
+                        start += r
+            blk.experts.lora = lora.to(blk.experts.up_proj.device).train(blk.experts.training)  # follow model.eval()
+    return cfg
 
 
 # -----------------------------------------------------------------------------

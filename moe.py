@@ -165,10 +165,10 @@ class Experts(nn.Module):
     """E SwiGLU experts, each projection stacked over experts: gate/up (E, I, H), down (E, H, I)."""
 
     PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-    grouped = hasattr(F, "grouped_mm")  # all experts in one call; set False for the per-expert loop
 
     def __init__(self, E: int, H: int, I: int):
         super().__init__()
+        self.grouped = hasattr(F, "grouped_mm")  # all experts in one call; False: the per-expert loop
         self.gate_proj = nn.Parameter(torch.empty(E, I, H))
         self.up_proj = nn.Parameter(torch.empty(E, I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
@@ -185,13 +185,13 @@ class Experts(nn.Module):
     def forward(self, x, ids):
         """x (N*K, H): token copies sorted by expert; ids (N*K,) their experts, ascending."""
         counts = torch.bincount(ids, minlength=self.up_proj.shape[0])
-        if Experts.grouped and aligned(x, *self.up_proj.shape[1:]):
+        if self.grouped and aligned(x, *self.up_proj.shape[1:]):
             try:
                 return self.swiglu(x, Groups(ids, None, counts.cumsum(0).to(torch.int32)))
             except torch.OutOfMemoryError:
                 raise
             except (RuntimeError, NotImplementedError) as e:  # a dtype or device grouped_mm does not support
-                Experts.grouped = False
+                self.grouped = False  # every layer meets the same error once; Python shows the warning once
                 warnings.warn(f"moe: grouped_mm failed ({str(e).splitlines()[0]}); experts run as a loop from now on")
         return self.swiglu(x, Groups(ids, counts.tolist(), None))
 
@@ -200,15 +200,21 @@ class Experts(nn.Module):
         return self.proj("down_proj", h, groups)  # (N*K, H)
 
 
+def align(width: int, x) -> int:
+    """width rounded up to a multiple of 16 bytes of x's elements: grouped_mm's rows start 16-byte aligned."""
+    m = 16 // x.element_size()
+    return -(-width // m) * m
+
+
 def aligned(x, *widths) -> bool:
-    """grouped_mm needs every row to start on a 16-byte boundary: widths a multiple of 16 / element size."""
-    return all(w % (16 // x.element_size()) == 0 for w in widths)
+    """Whether rows of these widths (in x's dtype) all start on a 16-byte boundary, as grouped_mm needs."""
+    return all(w == align(w, x) for w in widths)
 
 
 class RouterOut(NamedTuple):
     logits: torch.Tensor  # (N, E) router logits
     ids: torch.Tensor  # (N, K) the experts each token went to
-    weights: torch.Tensor  # (N, K) the gate weights that mixed their outputs
+    weights: torch.Tensor  # (N, K) the gate weights that mixed their outputs (before expert_scale, one constant)
 
 
 def router(cfg: "MoEConfig") -> nn.Module:
@@ -299,7 +305,7 @@ class HeadLoss(torch.autograd.Function):
         dW = (dW * grad_loss).to(ctx.W_dtype) if dW is not None else None
         return dh, dW, None, None
 
-    ROWS = 256  # rows per chunk: 51 MiB of fp32 logits at OLMoE's vocab (50304)
+    ROWS = 256  # rows per chunk: 49.1 MiB of fp32 logits at OLMoE's vocab (256 x 50304 x 4 bytes)
 
 
 # -----------------------------------------------------------------------------
@@ -384,6 +390,12 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         """The MoE blocks, in the order of Output.routers."""
         return [b.mlp for b in self.layers if b.is_moe]
+
+    def set_grouped(self, on: bool):
+        """Every expert of this model in one grouped_mm per projection (on) or the per-expert loop (off):
+        the same numbers, another speed. torch.compile traces grouped_mm for bf16 only."""
+        for blk in self.moe_layers():
+            blk.experts.grouped = on
 
     def init_weights(self, std: float = 0.02, seed: int | None = None):
         """Random init for pretraining from scratch (normal(0, std), norms 1, biases 0)."""

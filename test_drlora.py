@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import drlora
+import hf
 import moe
 
 # -----------------------------------------------------------------------------
@@ -352,7 +353,7 @@ def test_schedule_errors():
     # 1 event (T 300: t_warm 9, events 9 only), cap floor(24 * 0.1) = 2: at most 64 * 2 = 128 < 512 ranks
     with pytest.raises(ValueError, match=r"growth cannot reach r_target: 1 events x at most 128 ranks < 512"):
         drlora.schedule(drlora.DRLoRAConfig(r_init=8, r_target=16, r_max=32, dT=200), 300, 64)
-    with pytest.raises(ValueError, match=r"saliency must be one of \('fg', 'f', 'g'\)"):
+    with pytest.raises(ValueError, match=r"--saliency must be one of fg, f, g, got 'fgh'"):
         drlora.DRLoRAConfig(saliency="fgh")
 
 
@@ -563,7 +564,7 @@ def test_merge_and_adapter_round_trip(tmp_path):
         unmerged = m(x, attention_mask=mask).logits
 
     path = str(tmp_path / "adapter.safetensors")
-    drlora.save_adapter(m, path, cfg)
+    hf.save_adapter(m, path, cfg)
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())
@@ -582,7 +583,7 @@ def test_merge_and_adapter_round_trip(tmp_path):
 
     fresh = tiny()  # the same base model, no adapter
     fresh.eval()
-    loaded_cfg = drlora.load_adapter(fresh, path)
+    loaded_cfg = hf.load_adapter(fresh, path)
     assert loaded_cfg == cfg
     assert torch.equal(torch.stack([blk.experts.lora.ranks for blk in fresh.moe_layers()]), ranks)
     with torch.no_grad():
@@ -657,22 +658,21 @@ def _ddp_worker(rank, world, out_dir):
         # gets no token still gets a (zero) gradient through unbind(); the router always gets one
         ddp = torch.nn.parallel.DistributedDataParallel(m)
         opt = torch.optim.AdamW(d.trainable_parameters(), lr=1e-2, weight_decay=0)
-        local, empty = [], 0
-        for t in range(DDP_STEPS):
-            x, y, mask = batch(1000 * (rank + 1) + t, B=2, T=4)  # different data on each process, 5 real tokens
-            out = ddp(x, targets=y, attention_mask=mask)
-            d.observe(out.routers, mask)
+        local, empty, observe = [], [0], d.observe
+
+        def observed(routers, mask):  # this process's own routing, before the all-reduce
+            observe(routers, mask)
             local.append(d._weight_sum.clone())
-            for r in out.routers:
-                empty += int((torch.bincount(r.ids.flatten(), minlength=8) == 0).any())
-            out.loss.backward()
-            d.step(t)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            empty[0] += sum(int((torch.bincount(r.ids.flatten(), minlength=8) == 0).any()) for r in routers)
+
+        d.observe = observed
+        for t in range(DDP_STEPS):
+            # different data on each process, 5 real tokens each
+            drlora.train_step(ddp, d, opt, [batch(1000 * (rank + 1) + t, B=2, T=4)], t)
         # DDP broadcasts buffers (the ranks) from process 0 at every forward, which would hide a divergence
         # there; the python mirror lora.r, which the forward slices with, is never broadcast: compare it too
         torch.save({"ranks": d.ranks, "mirror": [blk.experts.lora.r for blk in m.moe_layers()], "f": d.f, "g": d.g, "history": d.history, "local": torch.stack(local),
-                    "empty": empty, "x": batch(1000 * (rank + 1), B=2, T=4)[0],
+                    "empty": empty[0], "x": batch(1000 * (rank + 1), B=2, T=4)[0],
                     "params": {n: p.detach() for n, p in m.named_parameters()
                                if "lora" in n or n.endswith("gate.weight")}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -857,15 +857,15 @@ def test_an_adapter_refuses_another_base(tmp_path):
     cfg = drlora.DRLoRAConfig(r_init=1, r_target=2, r_max=4, dT=10)
     drlora.DRLoRA(m, cfg, total_steps=100)
     path = str(tmp_path / "a.safetensors")
-    drlora.save_adapter(m, path, cfg)
+    hf.save_adapter(m, path, cfg)
     with pytest.raises(ValueError, match="other weights"):  # same shapes, another pretrained model
-        drlora.load_adapter(tiny(seed=1), path)
+        hf.load_adapter(tiny(seed=1), path)
     with pytest.raises(ValueError, match=r"'n_experts': \(8, 4\)"):  # other shapes: named, no raw traceback
-        drlora.load_adapter(tiny(n_experts=4), path)
+        hf.load_adapter(tiny(n_experts=4), path)
     torch.save({"x": 1}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="ckpt.pt: cannot read it as a drlora adapter"):
-        drlora.load_adapter(tiny(), str(tmp_path / "ckpt.pt"))
-    drlora.load_adapter(tiny(seed=0), path)  # its own base
+        hf.load_adapter(tiny(), str(tmp_path / "ckpt.pt"))
+    hf.load_adapter(tiny(seed=0), path)  # its own base
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
 
 

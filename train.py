@@ -6,20 +6,22 @@ Fine-tune a pretrained MoE with DR-LoRA (or uniform LoRA). One flat loop, nanoGP
     python train.py --model olmoe --task gsm8k       # OLMoE-1B-7B on one GPU, the paper's settings
     torchrun --nproc_per_node 4 train.py --model olmoe --task gsm8k    # data-parallel
     python train.py --resume                         # continue from out_dir/ckpt.pt
+    python tools/evaluate.py --adapter out/adapter.safetensors         # score the saved adapter again
 
-Every setting is a --flag: the loop's (TrainConfig) and the method's (drlora.DRLoRAConfig). Their
-defaults are the paper's. `--preset tiny`, the default with `--model tiny`, scales down the few that
-the embedded CPU run needs (PRESETS). The embedded run pretrains its tiny base on first use.
+Every setting is a --flag: the loop's (TrainConfig) and the method's (drlora.DRLoRAConfig); --help shows
+each one's reason, its paper default and its tiny value. `--preset tiny`, the default with `--model tiny`,
+scales down the few that the embedded CPU run needs (PRESETS). The embedded run pretrains its base on first use.
 """
 import argparse
 import dataclasses
 import datetime
 import hashlib
-import importlib
+import inspect
 import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,57 +33,77 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import drlora
 import evals
 import hf
-import moe
 from data import common
 
 # -----------------------------------------------------------------------------
-# config
+# settings: the defaults are the paper's
 
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"  # "tiny" (embedded, pretrained here) | olmoe | qwen2_moe | ... | a checkpoint folder
-    preset: str = "auto"  # "paper": the defaults below | "tiny": PRESETS["tiny"] over them | auto: tiny for tiny
-    task: str = "arithmetic"  # data/<task>/{train,val,test}.npz (data/<task>.py, tasks/<task>.py), or a folder
-    out_dir: str = "out"
-    adapter: str = ""  # evaluate this saved adapter (safetensors) on the base model, then exit
-    # optimisation: 3,750 steps of 48 samples at lr 2e-5 (the paper)
+    model: str = "tiny"  # tiny (embedded, pretrained here) | olmoe | qwen2_moe | ... | a checkpoint folder
+    preset: str = "auto"  # paper: these defaults | tiny: PRESETS["tiny"] over them | auto: tiny for the tiny model
+    task: str = "arithmetic"  # data/<task>/ (data/<task>.py or tasks/<task>.py makes it) or a prepared folder
+    out_dir: str = "out"  # ckpt.pt, adapter.safetensors, result.json
     steps: int = 3750  # optimizer steps T
     batch_size: int = 4  # samples per micro-batch and process
-    grad_accum: int = 12  # micro-batches per optimizer step, over all processes together
+    grad_accum: int = 12  # micro-batches per optimizer step, over all processes together: 4 x 12 = 48 samples
     block_size: int = 2048  # longest sample in tokens (longer ones are truncated, with a warning)
-    lr: float = 2e-5  # peak; linear warm-up over lora.warmup_frac of the steps (growth waits for it), then decay to 0
+    lr: float = 2e-5  # peak; linear warm-up until DR-LoRA's t_warm (where growth starts), then decay to 0
     weight_decay: float = 0.0  # >0 also shrinks the inactive A slots (harmless: B is 0 there)
-    grad_clip: float = 1.0  # 0 = off
-    seed: int = 1337
-    # evaluation and logging
-    eval_interval: int = 500
-    eval_samples: int = 1319  # prompts decoded for the metric, and val samples for the loss
-    eval_split: str = "test"  # where the metric is read: choose settings on "val", read "test" once at the end
-    max_new_tokens: int = 512
-    log_interval: int = 10
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    seed: int = 1337  # LoRA init, data order, dropout
+    eval_interval: int = 500  # optimizer steps between evaluations (and one before and one after training)
+    eval_samples: int = 1319  # prompts decoded for the metric, and val samples for the loss (GSM8K's test: 1319)
+    eval_split: str = "test"  # the split every evaluation's metric reads: val to choose settings, test to report
+    max_new_tokens: int = 512  # generation length for the metric
+    log_interval: int = 10  # optimizer steps between log lines
     eval_base: bool = True  # evaluate the base model before fine-tuning
-    # system
-    device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | mps
+    device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 base and autocast on CUDA, fp32 elsewhere) | float32 | bfloat16
     compile: bool = False  # torch.compile; each growth event changes the ranks and so recompiles
-    grad_ckpt: bool = True  # gradient checkpointing per block
-    ckpt_interval: int = 250  # also at the end; written atomically
-    resume: bool = False
-    exit_at_step: int = -1  # testing: die (os._exit) right after this step, as a kill would
+    grad_ckpt: bool = True  # gradient checkpointing per block: activations of one block at a time
+    ckpt_interval: int = 250  # steps between checkpoints (and one at the end), each written atomically
+    resume: bool = False  # continue from out_dir/ckpt.pt, with the same settings
     lora: drlora.DRLoRAConfig = field(default_factory=drlora.DRLoRAConfig)  # the method's settings
 
+    def __post_init__(self):  # each setting's range or choices, checked before anything is loaded
+        for name in ("steps", "batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples",
+                     "max_new_tokens", "log_interval", "ckpt_interval"):
+            drlora.check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
+        drlora.check(0 < self.lr < math.inf, "lr", self.lr, "positive and finite")
+        for name in ("weight_decay", "grad_clip"):
+            drlora.check(0 <= getattr(self, name) < math.inf, name, getattr(self, name), ">= 0 and finite")
+        for name, allowed in (("preset", ("auto", "paper", "tiny")), ("eval_split", ("val", "test")),
+                              ("dtype", ("auto", "float32", "bfloat16"))):
+            drlora.check(getattr(self, name) in allowed, name, getattr(self, name), f"one of {', '.join(allowed)}")
+        drlora.check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device), "device", self.device,
+                     "auto, cpu, cuda, cuda:N or mps")
 
-# The embedded run: the paper's method, scaled down to a 3.5 M-parameter model and 2 CPU cores. LoRA
-# dropout is off because its random masks cost more than the rest of a tiny CPU step, and this run
-# does not overfit (train loss stays at held-out loss).
-PRESETS = {"paper": {}, "tiny": dict(steps=1500, batch_size=16, grad_accum=1, block_size=256, lr=2e-3,
-                                     eval_interval=250, eval_samples=500, max_new_tokens=24, log_interval=50,
-                                     ckpt_interval=250, grad_ckpt=False, r_init=4, r_target=8, r_max=16, dT=100,
-                                     dropout=0.0)}
+
+# The embedded run: the paper's method scaled down to a 3.5 M-parameter model and 2 CPU cores, each value
+# chosen on the validation split (RESULTS.md, "Choosing the embedded default").
+PRESETS = {"paper": {}, "tiny": dict(
+    steps=1500,  # accuracy still climbs (7-12 % at step 500, 42-70 % at 1000); 2500 do better but not in 5 minutes
+    batch_size=16,  # 16 x 256 bytes a step; 3000 steps of 8 learn no better, 1.6x slower per sample
+    grad_accum=1,  # the step fits at once: nothing to accumulate
+    block_size=256,  # an arithmetic problem with its answer is about 130 bytes
+    lr=2e-3,  # a tiny model from a short pretraining takes 100x the paper's lr; 4e-3 did worse
+    eval_interval=250,
+    eval_samples=500,  # the whole split: SE about 2 points at 80 % exact match
+    max_new_tokens=24,  # the answer " 3 + 5 = 8\n#### 8" is under 20 bytes
+    log_interval=50,
+    ckpt_interval=250,
+    grad_ckpt=False,  # a 3.5 M model's activations fit anywhere: recomputing them would only cost time
+    r_init=4,  # half of r_target, as the paper's 8 of 16
+    r_target=8,  # where rank binds: uniform LoRA r=4 / 8 / 16 reach 57 / 83 / 94 % on validation
+    r_max=16,  # twice r_target, as the paper's 32 for 16
+    dT=100,  # 14 events (t_warm 45, the last at 1345), quota 3 < 8 experts x cap 1: saliency decides who grows
+    dropout=0.0,  # its masks cost more than the rest of a tiny CPU step, and train loss stays at held-out loss
+)}
 # settings that may change when resuming
-RESUMABLE = {"resume", "exit_at_step", "eval_interval", "log_interval", "ckpt_interval", "compile",
-             "eval_samples", "device", "eval_base", "eval_split"}
+RESUMABLE = {"resume", "eval_interval", "log_interval", "ckpt_interval", "compile", "eval_samples", "device",
+             "eval_base", "eval_split", "max_new_tokens", "preset"}
 
 
 def flat(cfg: TrainConfig) -> dict:
@@ -90,43 +112,42 @@ def flat(cfg: TrainConfig) -> dict:
     return {**d.pop("lora"), **d}
 
 
+def comments(cls) -> dict[str, str]:
+    """Each field's comment in its dataclass's source: the reason --help shows beside the default."""
+    return {m[1]: m[2] for m in re.finditer(r"^    (\w+): .*?  # (.*)$", inspect.getsource(cls), re.MULTILINE)}
+
+
+def boolean(s: str) -> bool:
+    if s.lower() not in ("true", "1", "false", "0"):
+        raise ValueError(s)
+    return s.lower() in ("true", "1")
+
+
 def parse_args(argv=None) -> TrainConfig:
     lora_fields = dataclasses.fields(drlora.DRLoRAConfig)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"--preset tiny sets: {PRESETS['tiny']}")
+    why = {**comments(TrainConfig), **comments(drlora.DRLoRAConfig)}
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in [f for f in dataclasses.fields(TrainConfig) if f.name != "lora"] + list(lora_fields):
         tiny = f"; tiny {PRESETS['tiny'][f.name]}" if f.name in PRESETS["tiny"] else ""
-        kind = {bool: lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()],
-                tuple: lambda s: tuple(s.split(","))}.get(type(f.default), type(f.default))
-        p.add_argument("--" + f.name, type=kind, default=None, help=f"(default {f.default}{tiny})",
+        kind = {bool: boolean, tuple: lambda s: tuple(s.split(","))}.get(type(f.default), type(f.default))
+        note = why.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        p.add_argument("--" + f.name, type=kind, default=None, help=f"{note} (default {f.default}{tiny})",
                        **({"nargs": "?", "const": True} if type(f.default) is bool else {}))
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}  # unknown flags: argparse exits
     preset = given.pop("preset", "auto")
     if preset == "auto":
         preset = "tiny" if given.get("model", "tiny") == "tiny" else "paper"
-    if preset not in PRESETS:
-        p.error(f"--preset must be auto, tiny or paper, got {preset!r}")
-    values = {**PRESETS[preset], **given}
+    values = {**PRESETS.get(preset, {}), **given}
     names = {f.name for f in lora_fields}
     lora = drlora.DRLoRAConfig(**{k: v for k, v in values.items() if k in names})
     return TrainConfig(preset=preset, lora=lora, **{k: v for k, v in values.items() if k not in names})
 
 
-def get_lr(t: int, cfg: TrainConfig) -> float:
-    """Linear warm-up until t_warm (where DR-LoRA starts growing), then linear decay to 0."""
-    t_warm = math.floor(cfg.lora.warmup_frac * cfg.steps)
+def get_lr(t: int, lr: float, t_warm: int, steps: int) -> float:
+    """Linear warm-up until t_warm (DR-LoRA's schedule: where growth starts), then linear decay to 0."""
     if t < t_warm:
-        return cfg.lr * (t + 1) / t_warm
-    return cfg.lr * (cfg.steps - t) / (cfg.steps - t_warm)
-
-
-def task_folder(task: str, make: bool) -> str:
-    """The folder of a task's token files; with make, an embedded task (byte tokens, for the tiny
-    model) is generated there on first use."""
-    folder = task if os.path.isdir(task) else os.path.join(common.DATA_DIR, task)
-    if make and task in ("arithmetic", "sorting") and not os.path.exists(os.path.join(folder, "test.npz")):
-        importlib.import_module(f"data.{task}").prepare(out_dir=folder)
-    return folder
+        return lr * (t + 1) / t_warm
+    return lr * (steps - t) / (steps - t_warm)
 
 
 def batch_indices(pos: int, n: int, n_train: int, seed: int) -> list[int]:
@@ -140,52 +161,109 @@ def batch_indices(pos: int, n: int, n_train: int, seed: int) -> list[int]:
 
 
 # -----------------------------------------------------------------------------
-# evaluation and checkpoints
-
-
-def evaluation(model, tokenizer, folder, val_set, test_set, cfg, autocast, log, step, examples=0, what=""):
-    block_size = min(cfg.block_size, model.cfg.max_seq_len)
-    loss = evals.val_loss(model, val_set, block_size, tokenizer.pad_id, n=cfg.eval_samples, autocast=autocast)
-    r, shown = evals.evaluate_task(model, tokenizer, folder, test_set, cfg.eval_samples,
-                                   max_new_tokens=cfg.max_new_tokens, autocast=autocast, examples=examples)
-    log(f"{what or f'eval step {step}'}: val loss {loss:.4f}, {r['metric']} {r['score']:.3f} "
-        f"({min(cfg.eval_samples, len(test_set))} {cfg.eval_split} samples)")
-    for prompt, out, ok in shown:
-        log(f"  {'ok ' if ok else 'bad'} {prompt!r} -> {out!r}")
-    return {"step": step, "val_loss": loss, **r}  # r: the task's metric, its score, higher_is_better
-
-
-def machine(base: str, device: str) -> dict:
-    """What a result depends on beyond the settings: the processor, threads, torch, and the base's own bytes
-    (a tiny base pretrained with another thread count is another model)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    weights = os.path.join(base, "model.safetensors")
-    digest = None
-    if os.path.exists(weights):  # streamed: a real base is many GB
-        with open(weights, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
-            "base_sha256": digest}
-
-
-def rng_state(device: str) -> dict:
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None}
+# checkpoints and the record of a run
 
 
 def read_checkpoint(path: str, cfg: TrainConfig) -> dict:
     """ckpt.pt, checked against the settings before anything heavy is loaded."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = json.loads(json.dumps(state["config"]))  # tuples as lists, as in `now`
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = json.loads(json.dumps(state["config"]))  # tuples as lists, as in `now`
+    except Exception as e:  # truncated, not a checkpoint, or a checkpoint of something else
+        raise ValueError(f"--resume: {path} cannot be read as a drlora checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else e!r}); start over without --resume, or point "
+                         f"--out_dir elsewhere") from e
     saved = {**saved.pop("lora"), **saved}
     now = json.loads(json.dumps(flat(cfg)))  # tuples as lists, as in the file
-    kept = [k for k in saved if k in now and k not in RESUMABLE | {"preset"}]  # flags since removed: ignored
-    diff = {k: (saved[k], now.get(k)) for k in kept if now.get(k) != saved[k]}
+    diff = {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
+            if k not in RESUMABLE and saved.get(k) != now.get(k)}
     if diff:
         raise ValueError(f"--resume with settings that differ from {path} (checkpoint, now): {diff}")
     return state
+
+
+def resume(state: dict, model, drl, optimizer, rank: int, world: int, log) -> tuple[int, int, dict]:
+    """Restore the trainable tensors, DR-LoRA's state, the optimizer and each process's random stream.
+    Returns (first step, samples consumed, history)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in state["trainable"].items():
+            params[name].copy_(t)
+    drl.load_state_dict(state["drlora"])
+    optimizer.load_state_dict(state["optimizer"])
+    if len(state["rng"]) == world:  # each process continues its own random stream (LoRA dropout)
+        rng = state["rng"][rank]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:  # the data stream is the same (pos counts samples over all processes); only dropout masks change
+        log(f"resuming {len(state['rng'])} processes' run with {world}: dropout masks are drawn afresh")
+        torch.manual_seed(state["config"]["seed"] + 1000 * state["step"] + rank)
+    return state["step"], state["pos"], state["history"]
+
+
+def rng_states(device: str, world: int) -> list[dict]:
+    """Every process's random state, gathered (a collective: every process calls it)."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None}
+    if world == 1:
+        return [mine]
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def save_checkpoint(out_dir: str, state: dict, model, lora_cfg):
+    """ckpt.pt (what a resume needs) and adapter.safetensors (what a user keeps), each written atomically:
+    a kill leaves the old file or the new one, never half of one."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    hf.save_adapter(model, os.path.join(out_dir, "adapter.safetensors"), lora_cfg)
+
+
+def machine(base: str, device: str) -> dict:
+    """What a result depends on beyond the settings: the processor, threads, torch, and the base's own bytes
+    (a tiny base pretrained with another thread count is another model)."""
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    cpu = re.search(r"model name\s*: (.*)", info)
+    weights, digest = os.path.join(base, "model.safetensors"), None
+    if os.path.exists(weights):  # streamed: a real base is many GB
+        with open(weights, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"cpu": cpu[1].strip() if cpu else platform.processor(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": device, "base_sha256": digest}
+
+
+def report(cfg: TrainConfig, history: dict, drl, seconds: float, machine: dict, log) -> dict:
+    """result.json (the settings, the scores, the final ranks, f and g, the run's history) and a table."""
+    final, base, lcfg = history["final"], history.get("base", {}), cfg.lora
+    result = {"method": lcfg.method, "metric": final["metric"], "base_score": base.get("score"),
+              "score": final["score"], "base_val_loss": base.get("val_loss"), "val_loss": final["val_loss"],
+              "active_lora_params": drl.active_lora_parameters(), "ranks": drl.ranks.tolist(),
+              "f": drl.f.tolist(), "g": drl.expert_importance().tolist(), "seconds": seconds, "machine": machine}
+    with open(os.path.join(cfg.out_dir, "result.json"), "w") as f:
+        json.dump({"config": asdict(cfg), "result": result, "history": history, "drlora": drl.history}, f)
+    better = "" if final["higher_is_better"] else " (lower is better)"
+    log(f"\n| | val loss | {final['metric']}{better} |\n|---|---|---|\n"
+        f"| base model | {base.get('val_loss', math.nan):.4f} | {base.get('score', math.nan):.3f} |\n"
+        f"| {lcfg.method} ({cfg.steps} steps) | {final['val_loss']:.4f} | {final['score']:.3f} |\n"
+        f"active LoRA parameters {result['active_lora_params']:,}; ranks per layer "
+        f"{[sum(r) for r in result['ranks']]}; fine-tuning {seconds:.0f}s; adapter {cfg.out_dir}/adapter.safetensors; "
+        f"figures: python tools/plots.py {cfg.out_dir}")
+    return result
+
+
+def check_replicas(trainable, drl, device: str, world: int, log):
+    """Every process must hold the same adapters, router and ranks (every expert's rank, not their sum:
+    the last event brings every process's sum to the same target)."""
+    mine = torch.cat([sum(p.double().sum() for p in trainable).view(1), drl.ranks.flatten().double()]).to(device)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    if not all(torch.equal(c, mine) for c in every):
+        raise RuntimeError(f"processes disagree after training: {[c.tolist() for c in every]}")
+    log(f"all {world} processes hold identical adapters, ranks and routers")
 
 
 # -----------------------------------------------------------------------------
@@ -194,33 +272,32 @@ def read_checkpoint(path: str, cfg: TrainConfig) -> dict:
 
 def main(argv=None):
     cfg = parse_args(argv)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    state = read_checkpoint(ckpt_path, cfg) if cfg.resume else None
+    lcfg = cfg.lora
+    state = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg) if cfg.resume else None
     # -------------------------------------------------------------------------
     # processes and device
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    rank, world = 0, 1
     if ddp:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         # Process 0 evaluates alone; the others wait for it here, where no timeout can stop them, while a
         # stalled training collective still times out as usual.
         waiting_room = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
-        if device == "cuda":
+        if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if cfg.grad_accum % world:
-        raise ValueError(f"grad_accum={cfg.grad_accum} is the total over processes: it must divide by {world}")
+        raise ValueError(f"--grad_accum {cfg.grad_accum} is the total over processes: it must divide by {world}")
     accum = cfg.grad_accum // world
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda"))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
     os.makedirs(cfg.out_dir, exist_ok=True)
     # -------------------------------------------------------------------------
     # base model, tokenizer, data
@@ -229,16 +306,18 @@ def main(argv=None):
 
         if master:
             pretrain.ensure_tiny_base(log=log)
-        if ddp:
-            dist.barrier()
         path = pretrain.BASE_DIR
     else:
         path = hf.find_checkpoint(cfg.model)
         if device == "cpu":
             log(f"warning: {cfg.model} on the CPU: a step of a real model takes minutes or more; use a GPU")
+    folder = common.task_folder(cfg.task, make=master and cfg.model == "tiny")
+    if ddp:
+        dist.barrier()  # process 0 made what was missing
     model = hf.from_pretrained(path, dtype=dtype, device=device)
-    tokenizer = hf.load_tokenizer(path, model.cfg)
     model.gradient_checkpointing = cfg.grad_ckpt
+    tokenizer = hf.load_tokenizer(path, model.cfg)
+    task = common.load_task(folder, tokenizer, cfg.eval_split)
     block_size = min(cfg.block_size, model.cfg.max_seq_len)
     if block_size < cfg.block_size:
         log(f"warning: block_size {cfg.block_size} > the model's {block_size} positions: using {block_size}")
@@ -247,36 +326,14 @@ def main(argv=None):
     n_idle = 3 * I * H * (E - K) * len(model.moe_layers())  # expert weights a token does not use
     log(f"base model {path}: {model.cfg.model_type}, {n_total / 1e6:.1f} M parameters, "
         f"{(n_total - n_idle) / 1e6:.1f} M active per token, {E} experts top-{K}, dtype {dtype}")
-    folder = task_folder(cfg.task, make=master and cfg.model == "tiny")
-    if ddp:
-        dist.barrier()
-    if cfg.eval_split not in ("val", "test"):
-        raise ValueError(f"--eval_split must be val or test, got {cfg.eval_split!r}")
-    splits = ("train", "val", cfg.eval_split)
-    train_set, val_set, test_set = (common.load_sft(os.path.join(folder, f"{s}.npz")) for s in splits)
-    made_with = train_set.manifest.get("tokenizer")
-    if made_with != tokenizer.name:
-        redo = common.maker(os.path.join(folder, "train.npz"))
-        raise ValueError(f"{folder}/manifest.json: the data was tokenized by {made_with!r}, the model uses "
-                         f"{tokenizer.name!r}; remake it for this model: `{redo}`"
-                         + (f" with --model {cfg.model}" if redo.startswith("python tasks/") else ""))
-    log(f"task {cfg.task}: {len(train_set):,} train / {len(val_set):,} val / {len(test_set):,} {splits[2]} samples")
-
-    def evaluate(step, examples=0, what=""):
-        return evaluation(model, tokenizer, folder, val_set, test_set, cfg, autocast, log, step, examples, what)
-
-    if cfg.adapter:  # evaluate a saved adapter (it carries its own DR-LoRA settings and ranks), then stop
-        drlora.load_adapter(model, cfg.adapter)
-        return evaluate(0, examples=3, what=f"adapter {cfg.adapter}")
+    log(f"task {cfg.task}: {len(task.train):,} train / {len(task.val):,} val / {len(task.test):,} {task.split} samples")
     # -------------------------------------------------------------------------
     # DR-LoRA and the optimizer
     torch.manual_seed(cfg.seed)  # here, after any pretraining: the same LoRA init on every process and in every run
-    drl = drlora.DRLoRA(model, cfg.lora, total_steps=cfg.steps)
+    drl = drlora.DRLoRA(model, lcfg, total_steps=cfg.steps)
     if rank:  # LoRA dropout: each process its own masks (process 0 keeps the stream of a one-process run)
         torch.manual_seed(cfg.seed + rank)
     trainable = drl.trainable_parameters()
-    names = {id(p): n for n, p in model.named_parameters()}
-    lcfg = cfg.lora
     log(f"DR-LoRA {lcfg.method}: ranks {lcfg.r_init} -> {lcfg.r_target} (max {lcfg.r_max}); warm-up ends at step "
         f"{drl.t_warm}; {len(drl.events)} growth events {drl.events[:3]}{'...' if len(drl.events) > 3 else ''}, "
         f"quota {drl.quota}, cap {drl.cap}; trainable {sum(p.numel() for p in trainable) / 1e6:.2f} M "
@@ -288,66 +345,33 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     run = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if ddp else model
     if cfg.compile:
-        if dtype != torch.bfloat16:  # torch.compile traces grouped_mm for bf16 inputs only
-            moe.Experts.grouped = False
+        if not bf16:  # torch.compile traces grouped_mm for bf16 inputs only
+            model.set_grouped(False)
             log("--compile without bf16: the experts run as the per-expert loop")
         run = torch.compile(run)  # recompiles after each growth event: the ranks are python ints
-    start, pos = 0, 0
-    history = {"step": [], "loss": [], "lr": [], "eval": [], "events": []}
+    start, pos, history = 0, 0, {"step": [], "loss": [], "lr": [], "eval": [], "events": []}
     if state is not None:
-        params = {names[id(p)]: p for p in trainable}
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                params[n].copy_(t)
-        drl.load_state_dict(state["drlora"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, pos, history = state["step"], state["pos"], state["history"]
-        rngs = state["rng"]
-        if len(rngs) == world:  # each process continues its own random stream (LoRA dropout)
-            rng = rngs[rank]
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] is not None and device.startswith("cuda"):
-                torch.cuda.set_rng_state(rng["cuda"])
-        else:  # the data stream is the same (pos counts samples over all processes); only dropout masks change
-            log(f"resuming {len(rngs)} processes' run with {world}: dropout masks are drawn afresh")
-            torch.manual_seed(cfg.seed + 1000 * start + rank)
-        log(f"resumed from {ckpt_path} at step {start}")
-
-    def save_checkpoint(step: int):
-        rng = [None] * world
-        if ddp:
-            dist.all_gather_object(rng, rng_state(device))
-        else:
-            rng = [rng_state(device)]
-        if master:
-            ckpt = {"config": asdict(cfg), "base": path, "step": step, "pos": pos, "history": history, "rng": rng,
-                    "trainable": {names[id(p)]: p.detach().cpu() for p in trainable},
-                    "drlora": drl.state_dict(), "optimizer": optimizer.state_dict()}
-            torch.save(ckpt, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a kill leaves the old or the new file, never half
-            drlora.save_adapter(model, os.path.join(cfg.out_dir, "adapter.safetensors"), lcfg)
-
-    def evaluate_on_master(step, examples=0):
-        result = evaluate(step, examples) if master else None
+        start, pos, history = resume(state, model, drl, optimizer, rank, world, log)
+        log(f"resumed from {cfg.out_dir}/ckpt.pt at step {start}")
+    evaluation = dict(model=model, tokenizer=tokenizer, task=task, n=cfg.eval_samples, block_size=block_size,
+                      max_new_tokens=cfg.max_new_tokens, autocast=autocast, log=log)
+    if start == 0 and cfg.eval_base:  # LoRA's B is zero: this is the base model
+        history["base"] = {"step": 0, **evals.evaluate("eval step 0", **evaluation, examples=2)} if master else None
         if ddp:
             dist.barrier(group=waiting_room)
-        return result
-
-    if start == 0 and cfg.eval_base:
-        history["base"] = evaluate_on_master(0, examples=2)  # LoRA's B is zero: this is the base model
     # -------------------------------------------------------------------------
     # the loop
     t0, tokens_seen = time.time(), 0
     model.train()
     for t in range(start, cfg.steps):
-        lr = get_lr(t, cfg)
+        lr = get_lr(t, cfg.lr, drl.t_warm, cfg.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = []
-        for m in range(accum):
+        for m in range(accum):  # this process's micro-batches, cut from one stream of samples for all processes
             first = pos + (m * world + rank) * cfg.batch_size
-            idx = batch_indices(first, cfg.batch_size, len(train_set), cfg.seed)
-            micro.append([a.to(device) for a in common.sft_batch(train_set, idx, block_size, tokenizer.pad_id)])
+            idx = batch_indices(first, cfg.batch_size, len(task.train), cfg.seed)
+            micro.append([a.to(device) for a in common.sft_batch(task.train, idx, block_size, tokenizer.pad_id)])
             tokens_seen += int(micro[-1][2].sum())
         loss, event = drlora.train_step(run, drl, optimizer, micro, t, cfg.grad_clip, autocast)
         pos += cfg.batch_size * accum * world
@@ -365,41 +389,25 @@ def main(argv=None):
             log(f"step {t:5d}/{cfg.steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
                 f"{tokens_seen * world / dt:,.0f} tok/s | ETA {dt / (t - start + 1) * (cfg.steps - t - 1):.0f}s")
         if t > 0 and t % cfg.eval_interval == 0 and t != cfg.steps - 1:
-            result = evaluate_on_master(t)
             if master:
-                history["eval"].append(result)
+                history["eval"].append({"step": t, **evals.evaluate(f"eval step {t}", **evaluation)})
+            if ddp:
+                dist.barrier(group=waiting_room)
         if (t + 1) % cfg.ckpt_interval == 0 or t == cfg.steps - 1:
-            save_checkpoint(t + 1)
-        if t == cfg.exit_at_step:
-            os._exit(3)
+            rng = rng_states(device, world)
+            if master:
+                save_checkpoint(cfg.out_dir, {
+                    "config": asdict(cfg), "base": path, "step": t + 1, "pos": pos, "history": history, "rng": rng,
+                    "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                    "drlora": drl.state_dict(), "optimizer": optimizer.state_dict()}, model, lcfg)
     # -------------------------------------------------------------------------
-    # the end: replicas agree, final evaluation, summary
-    if ddp:  # every process must hold the same adapters, ranks and router
-        # every expert's rank, not their sum: the last event brings every process's sum to the same target
-        check = torch.cat([sum(p.double().sum() for p in trainable).view(1), drl.ranks.flatten().double()]).to(device)
-        all_checks = [torch.zeros_like(check) for _ in range(world)]
-        dist.all_gather(all_checks, check)
-        if not all(torch.equal(c, check) for c in all_checks):
-            raise RuntimeError(f"processes disagree after training: {[c.tolist() for c in all_checks]}")
-        log(f"all {world} processes hold identical adapters, ranks and routers")
+    # the end: replicas agree, final evaluation, record
+    if ddp:
+        check_replicas(trainable, drl, device, world, log)
     result = {}
     if master:
-        final = history["final"] = evaluate(cfg.steps, examples=3)
-        base = history.get("base", {})
-        result = {"method": lcfg.method, "metric": final["metric"], "base_score": base.get("score"),
-                  "score": final["score"], "base_val_loss": base.get("val_loss"), "val_loss": final["val_loss"],
-                  "active_lora_params": drl.active_lora_parameters(), "ranks": drl.ranks.tolist(),
-                  "f": drl.f.tolist(), "g": drl.expert_importance().tolist(),
-                  "seconds": time.time() - t0, "machine": machine(path, device)}
-        with open(os.path.join(cfg.out_dir, "result.json"), "w") as f:
-            json.dump({"config": asdict(cfg), "result": result, "history": history, "drlora": drl.history}, f)
-        better = "" if final["higher_is_better"] else " (lower is better)"
-        log(f"\n| | val loss | {final['metric']}{better} |\n|---|---|---|\n"
-            f"| base model | {base.get('val_loss', math.nan):.4f} | {base.get('score', math.nan):.3f} |\n"
-            f"| {lcfg.method} ({cfg.steps} steps) | {final['val_loss']:.4f} | {final['score']:.3f} |\n"
-            f"active LoRA parameters {drl.active_lora_parameters():,}; ranks per layer "
-            f"{[sum(r) for r in drl.ranks.tolist()]}; fine-tuning {result['seconds']:.0f}s; "
-            f"adapter {cfg.out_dir}/adapter.safetensors; figures: python tools/plots.py {cfg.out_dir}")
+        history["final"] = {"step": cfg.steps, **evals.evaluate(f"eval step {cfg.steps}", **evaluation, examples=3)}
+        result = report(cfg, history, drl, time.time() - t0, machine(path, device), log)
     if ddp:
         dist.destroy_process_group()
     return result

@@ -4,7 +4,7 @@
     answer: " 3 + 5 = 8\\n#### 8"   (then eos; the last line is GSM8K's answer format)
 
 - One-digit operands: two-digit problems with carries were not learnt in minutes on a CPU
-  (about 2 % exact match, RESULTS.md). Operations: + (buys, finds, is given), - (gives away, loses; never below zero) and
+  (about 2 % exact match in an early exploratory LoRA run, not repeated on this code). Operations: + (buys, finds, is given), - (gives away, loses; never below zero) and
   * (boxes or bags holding b each). 16 names, 12 objects, 7 templates, a fixed seed.
 - Splits are disjoint as exact prompt strings: a prompt's split is fixed by the sha256 of its text
   (write.hash_split: 5 % test, 5 % val, 90 % train), whatever the sizes and seeds.
@@ -73,12 +73,9 @@ def extract_answer(text: str) -> int | None:
     return int(n) if n is not None and n.denominator == 1 else None  # 7.0 counts as 7, 7.5 is no integer
 
 
-exact_match = write.exact_match  # one metric for every task
-
-
 def prepare(out_dir=OUT_DIR, sizes: dict[str, int] = SIZES, seed: int = 0, tokenizer=None) -> dict:
     return write.prepare_task(out_dir, generate, sizes, seed, tokenizer or ByteTokenizer(),
-                               source="data/arithmetic.py: one-digit word problems")
+                               source="data/arithmetic.py: one-digit word problems", evaluator="data.arithmetic")
 
 
 if __name__ == "__main__":

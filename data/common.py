@@ -8,19 +8,22 @@ stop). Prompt and answer are encoded separately, exactly as the prompt is encode
 time: a BPE tokenizer could otherwise merge tokens across the boundary. Readers fail loudly, naming the
 file, key or line and the script that makes the file.
 """
+import importlib
 import json
 import re
 import warnings
 import zipfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100  # target that F.cross_entropy skips
+from moe import IGNORE_INDEX
+
 DATA_DIR = Path(__file__).resolve().parent
+EMBEDDED = ("arithmetic", "sorting")  # the tasks data/NAME.py generates on first use, for the tiny model
 
 
 def maker(path: Path) -> str:
@@ -42,7 +45,9 @@ def maker(path: Path) -> str:
         elsewhere = folder.resolve() != (DATA_DIR / name).resolve()
         return (f"python tasks/{name}.py --model {model if isinstance(model, str) else 'MODEL'}"
                 + (f" --out {folder}" if elsewhere else ""))
-    return "the prepare script that made it (data/*.py or tasks/*.py)"
+    return (f"the script that prepares it: {' or '.join(f'python data/{t}.py' for t in EMBEDDED)} for a generated "
+            f"task; python tasks/TASK.py --model MODEL --out {folder} for a real one (TASK: gsm8k, humaneval, "
+            f"medmcqa, wmt, ledgar or tulu)")
 
 
 def _existing(path, hint: str | None = None) -> Path:
@@ -88,6 +93,36 @@ def manifest_get(manifest: dict, key: str, folder):
                              f"remake it with `{maker(Path(folder) / 'x')}`")
         value = value[part]
     return value
+
+
+# --- a task: its folder and its splits
+
+def task_folder(task: str, make: bool = False) -> Path:
+    """The folder of a task's token files: a folder, or data/<task>/. With make, an embedded task (byte
+    tokens, for the tiny model) is generated there on first use."""
+    folder = Path(task) if Path(task).is_dir() else DATA_DIR / task
+    if make and task in EMBEDDED and not (folder / "test.npz").exists():
+        importlib.import_module(f"data.{task}").prepare(out_dir=folder)
+    return folder
+
+
+class Task(NamedTuple):
+    folder: Path
+    train: "SFTDataset"
+    val: "SFTDataset"  # the held-out loss
+    test: "SFTDataset"  # the metric: the val or the test split, as `split` says
+    split: str
+
+
+def load_task(folder, tokenizer, split: str = "test") -> Task:
+    """A prepared task's splits, checked to be tokenized by `tokenizer`; the metric reads `split`."""
+    folder = Path(folder)
+    train, val, test = (load_sft(folder / f"{s}.npz") for s in ("train", "val", split))
+    made_with = train.manifest.get("tokenizer")
+    if made_with != tokenizer.name:
+        raise ValueError(f"{folder}/manifest.json: the data was tokenized by {made_with!r}, the model uses "
+                         f"{tokenizer.name!r}; remake it for this model: `{maker(folder / 'train.npz')}`")
+    return Task(folder, train, val, test, split)
 
 
 # --- supervised fine-tuning sets

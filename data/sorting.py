@@ -36,12 +36,9 @@ def extract_answer(text: str) -> str | None:
     return line or None
 
 
-exact_match = write.exact_match  # one metric for every task
-
-
 def prepare(out_dir=OUT_DIR, sizes: dict[str, int] = SIZES, seed: int = 0, tokenizer=None) -> dict:
     return write.prepare_task(out_dir, generate, sizes, seed, tokenizer or ByteTokenizer(),
-                               source="data/sorting.py: sort 3-6 distinct letters")
+                               source="data/sorting.py: sort 3-6 distinct letters", evaluator="data.sorting")
 
 
 if __name__ == "__main__":

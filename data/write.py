@@ -72,17 +72,14 @@ def sample_split(draw: Callable[[random.Random], dict], n: int, seed: int, split
 
 
 def prepare_task(out_dir, generate: Callable[[int, int, str], list[dict]], sizes: dict[str, int],
-                 seed: int, tokenizer, source: str) -> dict:
-    """Generate each split (seed + its index) and write it with write_sft; returns the manifest."""
+                 seed: int, tokenizer, source: str, evaluator: str) -> dict:
+    """Generate each split (seed + its index) and write it with write_sft; returns the manifest, which
+    names the metric (exact match) and the module whose extract_answer reads the answers (evaluator)."""
     name = getattr(tokenizer, "name", type(tokenizer).__name__)
     for k, (split, n) in enumerate(sizes.items()):
         rows = generate(n, seed + k, split)
         samples = [common.encode_sample(tokenizer, r["prompt"], r["answer"]) for r in rows]
         write_sft(Path(out_dir) / f"{split}.npz", samples, tokenizer_name=name, source=source, seed=seed + k)
-    return common.read_manifest(out_dir)
-
-def exact_match(preds: Sequence, targets: Sequence) -> float:
-    """Fraction of preds (extracted answers, None where none was found) equal to their targets."""
-    if len(preds) != len(targets) or not targets:
-        raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
-    return sum(p is not None and p == t for p, t in zip(preds, targets)) / len(targets)
+    manifest = {**common.read_manifest(out_dir), "metric": "exact_match", "evaluator": evaluator}
+    write_manifest(out_dir, manifest)
+    return manifest

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     if args.adapter:
         if not os.path.exists(args.adapter):
             raise FileNotFoundError(f"--adapter {args.adapter} not found")
-        drlora.load_adapter(model, args.adapter)
+        hf.load_adapter(model, args.adapter)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     t0 = time.time()
     n = metrics.generate_responses(model, tokenizer, prompts, args.out, args.max_new_tokens, args.batch_size, autocast)

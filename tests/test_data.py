@@ -88,7 +88,10 @@ def test_missing_files_name_the_path_and_the_script(tmp_path):
 
 def test_maker_names_the_recorded_command_else_a_sensible_script(tmp_path):
     folder = tmp_path / "some" / "path"  # train.py --task /some/path: no data/<name> script to name
-    assert common.maker(folder / "train.npz") == "the prepare script that made it (data/*.py or tasks/*.py)"
+    assert common.maker(folder / "train.npz") == (
+        "the script that prepares it: python data/arithmetic.py or python data/sorting.py for a generated task; "
+        f"python tasks/TASK.py --model MODEL --out {folder} for a real one (TASK: gsm8k, humaneval, medmcqa, wmt, "
+        "ledgar or tulu)")
     write_samples(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     stale = {**manifest, "made_by": "python tasks/wmt.py --model olmoe", "splits": {"train": {"samples": 5}}}
@@ -294,15 +297,12 @@ def test_extract_answer_by_hand():
     assert ex("junk 5 + 6") is None and ex("") is None
 
 
-def test_exact_match():
-    assert arithmetic.exact_match([8, None, 3], [8, 1, 4]) == pytest.approx(1 / 3)
-    with pytest.raises(ValueError):
-        arithmetic.exact_match([1], [1, 2])
-
-
 def test_arithmetic_prepare_writes_loadable_splits(tmp_path):
     m = arithmetic.prepare(tmp_path, sizes={"train": 50, "test": 10})
     assert m["splits"]["train"]["samples"] == 50 and m["splits"]["test"]["seed"] == 1
+    # what scores it, recorded, never guessed from the folder's name: exact match, answers read by data.arithmetic
+    assert (m["metric"], m["evaluator"]) == ("exact_match", "data.arithmetic") == (
+        common.read_manifest(tmp_path)["metric"], common.read_manifest(tmp_path)["evaluator"])
     ds = common.load_sft(tmp_path / "test.npz")
     row = arithmetic.generate(10, 1, "test")[0]
     ids, mask = ds[0]

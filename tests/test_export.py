@@ -101,7 +101,7 @@ def test_merged_export_loads_in_transformers_with_our_adapted_logits(tmp_path, m
     ours = logits(model, idx, mask)
     base_logits = logits(hf.from_pretrained(base), idx, mask)
     assert (ours - base_logits).abs().max() > 1e-2  # the adapter does something worth exporting
-    drlora.save_adapter(model, str(tmp_path / "adapter.safetensors"), cfg)
+    hf.save_adapter(model, str(tmp_path / "adapter.safetensors"), cfg)
 
     out = export.export(model, base, str(tmp_path / "merged"))
     ref = load_in_transformers(out)
@@ -121,9 +121,9 @@ def test_merged_export_loads_in_transformers_with_our_adapted_logits(tmp_path, m
 def test_adapter_file_reapplied_to_the_base_gives_identical_logits(tmp_path):
     base = make_base(tmp_path / "base", "olmoe", fused=False)
     model, cfg = with_adapter(hf.from_pretrained(base))
-    drlora.save_adapter(model, str(tmp_path / "adapter.safetensors"), cfg)
+    hf.save_adapter(model, str(tmp_path / "adapter.safetensors"), cfg)
     again = hf.from_pretrained(base)
-    assert drlora.load_adapter(again, str(tmp_path / "adapter.safetensors")) == cfg
+    assert hf.load_adapter(again, str(tmp_path / "adapter.safetensors")) == cfg
     idx, mask = batch()
     assert torch.equal(logits(again.eval(), idx, mask), logits(model, idx, mask))
 
@@ -134,7 +134,7 @@ def test_command_line_export_and_its_refusals(tmp_path, capsys):
     idx, mask = batch()
     ours = logits(model, idx, mask)
     adapter = str(tmp_path / "adapter.safetensors")
-    drlora.save_adapter(model, adapter, cfg)
+    hf.save_adapter(model, adapter, cfg)
     out = export.main(["--base", base, "--adapter", adapter, "--out", str(tmp_path / "merged")])
     assert "fused experts, float32" in capsys.readouterr().out
     ref = load_in_transformers(out)

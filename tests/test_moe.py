@@ -285,12 +285,12 @@ def test_grouped_experts_equal_the_loop_forward_gradients_and_growth():
     import drlora
 
     def run(grouped):
-        moe.Experts.grouped = grouped
         torch.manual_seed(0)
         cfg = moe.MoEConfig(n_layer=2, n_experts=6, top_k=2, hidden_size=32, n_head=2, n_kv_head=2,
                             intermediate_size=16, vocab_size=258)
         m = moe.MoETransformer(cfg)
         m.init_weights(seed=0)
+        m.set_grouped(grouped)
         d = drlora.DRLoRA(m, drlora.DRLoRAConfig(r_init=1, r_target=3, r_max=8, dT=2, dropout=0.0), total_steps=10)
         for l, blk in enumerate(m.moe_layers()):
             blk.experts.lora.set_ranks(torch.tensor([1, 5, 2, 6, 3, 1]) if l == 0 else torch.tensor([2] * 6))
@@ -308,12 +308,9 @@ def test_grouped_experts_equal_the_loop_forward_gradients_and_growth():
             drlora.train_step(m, d, opt, [(x, y, None)], t)
         return out.loss.detach(), m(x).logits.detach(), grads, d.ranks.clone()
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a silent fallback to the loop would make this test compare the loop with itself
-            (l1, z1, g1, r1), (l0, z0, g0, r0) = run(True), run(False)
-    finally:
-        moe.Experts.grouped = hasattr(torch.nn.functional, "grouped_mm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a silent fallback to the loop would make this test compare the loop with itself
+        (l1, z1, g1, r1), (l0, z0, g0, r0) = run(True), run(False)
     assert abs(l1 - l0) < 1e-6 and (z1 - z0).abs().max() < 1e-5
     assert g1.keys() == g0.keys() and all((g1[n] - g0[n]).abs().max() < 1e-5 for n in g1)
     assert torch.equal(r1, r0) and not torch.equal(r1[1], torch.tensor([2] * 6))  # layer 1 grew, alike
@@ -340,10 +337,9 @@ def test_experts_take_one_grouped_call_per_projection():
     x = torch.randn(64, 32)
     counts = {}
     for grouped in (True, False):
-        moe.Experts.grouped = grouped
+        experts.grouped = grouped
         with Count() as c:
             experts(x, ids)
         counts[grouped] = c.ops
-    moe.Experts.grouped = hasattr(torch.nn.functional, "grouped_mm")
     assert sum("grouped_mm" in o for o in counts[True]) == 3 and sum("mm" in o for o in counts[True]) == 3
     assert sum(o.startswith("aten.mm") for o in counts[False]) == 3 * 16  # the loop: one matmul per expert

@@ -139,7 +139,7 @@ def test_command_line_peft_export(tmp_path, capsys):
     base = make_base(tmp_path / "base", "olmoe", fused=True)
     model, _ = fine_tuned(base)
     adapter = str(tmp_path / "adapter.safetensors")
-    drlora.save_adapter(model, adapter, model.moe_layers()[0].experts.lora.cfg)
+    hf.save_adapter(model, adapter, model.moe_layers()[0].experts.lora.cfg)
     out = str(tmp_path / "peft")
     old = os.umask(0o022)
     try:

@@ -631,7 +631,7 @@ def test_ifeval_responses_command(tmp_path):
         for blk in model.moe_layers():
             for p in cfg.targets:
                 blk.experts.lora.B[p].normal_(0, 2.0, generator=torch.Generator().manual_seed(1))
-    drlora.save_adapter(model, str(tmp_path / "adapter.safetensors"), cfg)
+    hf.save_adapter(model, str(tmp_path / "adapter.safetensors"), cfg)
     ifeval_responses.main(argv + ["--out", str(tmp_path / "tuned.jsonl"), "--adapter",
                                   str(tmp_path / "adapter.safetensors")])
     tuned = metrics.load_jsonl(tmp_path / "tuned.jsonl")

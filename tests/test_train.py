@@ -11,12 +11,13 @@ import sys
 import pytest
 import torch
 
+import drlora
 import hf
 
 import moe
 import train
 from data import arithmetic, common
-from tools import plots
+from tools import evaluate, plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -45,11 +46,17 @@ def run(argv, **kw):
     return subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
 
 
+def killed(step, argv, **kw):
+    """train.py killed (SIGKILL) as step `step` starts, right after step - 1 and what it wrote."""
+    return subprocess.run([sys.executable, "tools/kill_at.py", str(step), *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
 def test_resume_after_kill_is_exact(setup, tmp_path):
     straight = run(args(setup, tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr
-    killed = run(args(setup, tmp_path / "b", "--exit_at_step", "5"))  # dies right after step 5 (checkpoint at 6)
-    assert killed.returncode == 3, killed.stderr
+    kill = killed(6, args(setup, tmp_path / "b"))  # dies right after step 5 and its checkpoint (at 6)
+    assert kill.returncode == -9, kill.stderr
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 6
     resumed = run(args(setup, tmp_path / "b", "--resume"))
     assert resumed.returncode == 0, resumed.stderr
@@ -77,11 +84,11 @@ def test_two_processes_on_gloo_through_torchrun(setup, tmp_path):
     assert ranks.sum(-1).tolist() == [8, 8]
 
 
-def torchrun(argv, nproc=2, timeout=180):
-    """train.py on nproc processes (gloo on the CPU). A hang (a process left waiting for another) fails
-    the test after timeout seconds; torchrun, stopped by SIGTERM, ends its workers (each in a session of
-    its own, out of reach of a kill of torchrun's process group)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py",
+def torchrun(argv, nproc=2, timeout=180, script=("train.py",)):
+    """train.py (or another script) on nproc processes (gloo on the CPU). A hang (a process left waiting for
+    another) fails the test after timeout seconds; torchrun, stopped by SIGTERM, ends its workers (each in a
+    session of its own, out of reach of a kill of torchrun's process group)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *script,
            *argv]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -101,8 +108,8 @@ def test_one_process_run_resumed_by_two_with_an_evaluation_midway(setup, tmp_pat
     """Killed on one process, resumed by torchrun on two (gloo), with process 0 evaluating at step 8 while
     the other waits for it: the run completes, draws dropout masks afresh for each process, and ends with
     identical replicas."""
-    killed = run(args(setup, tmp_path, *MASKS, "--exit_at_step", "5"), env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert killed.returncode == 3, killed.stderr
+    kill = killed(6, args(setup, tmp_path, *MASKS), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert kill.returncode == -9, kill.stderr
     rng = torch.load(tmp_path / "ckpt.pt", weights_only=False)["rng"]
     assert isinstance(rng, list) and len(rng) == 1 and rng[0].keys() == {"cpu", "cuda"} and rng[0]["cuda"] is None
     assert rng[0]["cpu"].dtype == torch.uint8 and torch.equal(rng[0]["cpu"], rng[0]["cpu"].clone())
@@ -119,10 +126,10 @@ def test_one_process_run_resumed_by_two_with_an_evaluation_midway(setup, tmp_pat
 
 
 def test_two_process_checkpoint_resumed_by_one(setup, tmp_path):
-    """Two processes (gloo) evaluate at step 4 and are killed after step 7, past the checkpoint of step 6
-    (on several processes a kill right after the checkpoint's step would race the file's writing); one
+    """Two processes (gloo) evaluate at step 4 and are killed as step 8 starts, past the checkpoint of step 6
+    (the other process would wait for process 0's writing at step 6's first collective anyway); one
     process resumes and completes the run."""
-    p = torchrun(args(setup, tmp_path, *MASKS, "--eval_interval", "4", "--exit_at_step", "7"))
+    p = torchrun(args(setup, tmp_path, *MASKS, "--eval_interval", "4"), script=("tools/kill_at.py", "8"))
     assert p.returncode != 0 and "eval step 4: val loss" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ck["step"] == 6 and [e["step"] for e in ck["history"]["eval"]] == [4]
@@ -154,12 +161,12 @@ def test_writes_result_plots_and_adapter(setup, tmp_path):
     assert saved["result"]["machine"] == {**saved["result"]["machine"], "threads": torch.get_num_threads(),
                                           "torch": torch.__version__, "device": "cpu", "base_sha256": base}
     assert saved["result"]["machine"]["cpu"]
-    # --adapter: the saved adapter on a fresh base evaluates exactly as the trained model did
-    again = train.main(args(setup, tmp_path / "again", "--adapter", str(tmp_path / "adapter.safetensors")))
+    # tools/evaluate.py: the saved adapter on a fresh base evaluates exactly as the trained model did
+    again = evaluate.main(["--model", str(setup / "base"), "--task", str(setup / "task"), "--adapter",
+                        str(tmp_path / "adapter.safetensors"), "--n", "4", "--max_new_tokens", "3"])
     final = saved["history"]["final"]
     assert abs(final["val_loss"] - saved["history"]["base"]["val_loss"]) > 1e-3  # the adapter changes the model
     assert abs(again["val_loss"] - final["val_loss"]) <= 1e-6 and again["score"] == final["score"]
-    assert not os.path.exists(tmp_path / "again" / "ckpt.pt")  # evaluation only: nothing trained, nothing saved
 
 
 def test_lora_init_does_not_depend_on_what_ran_before(setup, tmp_path, monkeypatch):
@@ -186,13 +193,13 @@ def test_lora_method_has_no_events(setup, tmp_path):
 
 def test_embedded_task_is_made_on_first_use_only(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "DATA_DIR", tmp_path)
-    folder = train.task_folder("sorting", make=True)
-    assert folder == str(tmp_path / "sorting")
+    folder = common.task_folder("sorting", make=True)
+    assert folder == tmp_path / "sorting"
     assert [len(common.load_sft(tmp_path / "sorting" / f"{s}.npz")) for s in ("train", "val", "test")] == [20_000, 500, 500]
     made = os.path.getmtime(tmp_path / "sorting" / "train.npz")
-    assert train.task_folder("sorting", make=True) == folder
+    assert common.task_folder("sorting", make=True) == folder
     assert os.path.getmtime(tmp_path / "sorting" / "train.npz") == made  # not made twice
-    assert train.task_folder("gsm8k", make=True) == str(tmp_path / "gsm8k") and not os.path.exists(tmp_path / "gsm8k")
+    assert common.task_folder("gsm8k", make=True) == tmp_path / "gsm8k" and not os.path.exists(tmp_path / "gsm8k")
 
 
 # --- bad input: a clear error naming what is wrong -----------------------------------------
@@ -249,7 +256,7 @@ def test_samples_longer_than_positions_are_truncated_with_a_warning(setup, tmp_p
     (["--r_init", "3"], "need 1 <= r_init <= r_target <= r_max, got 3, 2, 4"),
     (["--r_max", "1"], "need 1 <= r_init <= r_target <= r_max, got 1, 2, 1"),
     (["--dT", "50"], "no growth event fits: 12 steps"),
-    (["--saliency", "fgh"], r"saliency must be one of \('fg', 'f', 'g'\), got 'fgh'"),
+    (["--saliency", "fgh"], r"--saliency must be one of fg, f, g, got 'fgh'"),
     (["--grad_accum", "3"], None),  # fine on one process: a control for the parametrisation
 ])
 def test_impossible_drlora_settings(setup, tmp_path, bad, message):
@@ -261,8 +268,8 @@ def test_impossible_drlora_settings(setup, tmp_path, bad, message):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
-    good = run(args(setup, tmp_path, "--steps", "12", "--ckpt_interval", "6", "--exit_at_step", "5"))
-    assert good.returncode == 3
+    good = killed(6, args(setup, tmp_path, "--steps", "12", "--ckpt_interval", "6"))
+    assert good.returncode == -9
     before = (tmp_path / "ckpt.pt").read_bytes()
     bad = run(args(setup, tmp_path, "--resume", "--lr", "1e30", "--grad_clip", "0"))
     assert bad.returncode == 1
@@ -275,7 +282,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
 
 
 def test_resume_with_different_settings_is_refused(setup, tmp_path):
-    assert run(args(setup, tmp_path, "--exit_at_step", "5")).returncode == 3
+    assert killed(6, args(setup, tmp_path)).returncode == -9
     with pytest.raises(ValueError, match=r"'r_target': \(2, 3\)"):
         train.main(args(setup, tmp_path, "--resume", "--r_target", "3"))
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
@@ -291,20 +298,18 @@ def test_unknown_flag_is_refused(setup, tmp_path):
 
 
 def test_lr_schedule():
-    cfg = train.TrainConfig(steps=100, lr=1.0)  # t_warm = floor(0.03 * 100) = 3
-    assert [train.get_lr(t, cfg) for t in (0, 1, 2)] == [1 / 3, 2 / 3, 1.0]
-    assert train.get_lr(3, cfg) == 1.0 and train.get_lr(99, cfg) == pytest.approx(1 / 97)
+    t_warm = drlora.schedule(drlora.DRLoRAConfig(method="lora"), 100, 8)[0]
+    assert t_warm == 3  # floor(0.03 * 100): the warm-up ends where DR-LoRA's growth starts
+    assert [train.get_lr(t, 1.0, t_warm, 100) for t in (0, 1, 2)] == [1 / 3, 2 / 3, 1.0]
+    assert train.get_lr(3, 1.0, t_warm, 100) == 1.0 and train.get_lr(99, 1.0, t_warm, 100) == pytest.approx(1 / 97)
 
 
 def test_compile_trains_through_growth_events(setup, tmp_path):
     """torch.compile on the CPU (fp32): the experts fall back to the loop, which dynamo traces; each growth
     event changes the ranks and recompiles. Same losses as without compile, to float rounding."""
     plain = train.main(args(setup, tmp_path / "plain", "--steps", "6", "--dT", "2", "--eval_base", "false"))
-    try:
-        compiled = train.main(args(setup, tmp_path / "compiled", "--steps", "6", "--dT", "2", "--eval_base", "false",
-                                   "--compile", "true"))
-    finally:
-        moe.Experts.grouped = hasattr(torch.nn.functional, "grouped_mm")
+    compiled = train.main(args(setup, tmp_path / "compiled", "--steps", "6", "--dT", "2", "--eval_base", "false",
+                               "--compile", "true"))
     assert compiled["ranks"] == plain["ranks"] and sum(map(sum, compiled["ranks"])) == 2 * 4 * 2
     history = [json.load(open(tmp_path / d / "result.json"))["history"]["loss"] for d in ("plain", "compiled")]
     assert max(abs(a - b) for a, b in zip(*history)) < 1e-4

@@ -698,22 +698,18 @@ def moe_layer_ops(grouped: bool) -> dict:
     by phase: the step of a 2-block stack minus that of a 1-block one, so that what does not repeat
     per layer (embedding, head and loss, the optimizer's set-up) cancels. A block is attention + MoE:
     its attention's operators (the same on both paths) are in the figure. fp32, CPU."""
-    saved = moe.Experts.grouped
-    moe.Experts.grouped = grouped
-    try:
-        steps = []
-        for n_layer in (1, 2):
-            run = Ours(dataclasses.replace(tiny_olmoe(OPS_E, OPS_K), n_layer=n_layer), {}, "end", True)
-            b = torch.randint(0, 8192, (OPS_BATCH, OPS_SEQ + 1), generator=torch.Generator().manual_seed(0))
-            steps.append(step_ops(run.model, run.drl, run.opt, b[:, :-1], b[:, 1:], run.t))
-        # the MoE block alone (router, dispatch, experts, adapters, combine), forward and backward, on an
-        # input that needs a gradient as every layer's but the first does
-        x = torch.randn(OPS_BATCH, OPS_SEQ, run.model.cfg.hidden_size, requires_grad=True)
-        with OpCounter() as alone:
-            run.model.moe_layers()[0](x)[0].sum().backward()
-    finally:
-        moe.Experts.grouped = saved
-    if grouped and not moe.Experts.grouped:
+    steps = []
+    for n_layer in (1, 2):
+        run = Ours(dataclasses.replace(tiny_olmoe(OPS_E, OPS_K), n_layer=n_layer), {}, "end", True)
+        run.model.set_grouped(grouped)
+        b = torch.randint(0, 8192, (OPS_BATCH, OPS_SEQ + 1), generator=torch.Generator().manual_seed(0))
+        steps.append(step_ops(run.model, run.drl, run.opt, b[:, :-1], b[:, 1:], run.t))
+    # the MoE block alone (router, dispatch, experts, adapters, combine), forward and backward, on an
+    # input that needs a gradient as every layer's but the first does
+    x = torch.randn(OPS_BATCH, OPS_SEQ, run.model.cfg.hidden_size, requires_grad=True)
+    with OpCounter() as alone:
+        run.model.moe_layers()[0](x)[0].sum().backward()
+    if grouped and not all(blk.experts.grouped for blk in run.model.moe_layers()):
         raise RuntimeError("the grouped path fell back to the loop (see the warning): its count would be the loop's")
     return {**{name: steps[1][name] - steps[0][name] for name in steps[1]}, "MoE block alone": alone.ops}
 

@@ -29,6 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
+from data import common  # noqa: E402
 
 
 ROWS = {  # name -> its train.py flags, on top of settings() (the base model is the eighth row)
@@ -112,7 +113,7 @@ def main():
     s["task"] = a.task
     t0 = time.time()
     # made once, before any row, so that two runs never make the same file at once
-    train.task_folder(a.task, make=True)
+    common.task_folder(a.task, make=True)
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", "from data import pretrain; pretrain.ensure_tiny_base()"],
                    env=one_thread, cwd=ROOT, check=True)

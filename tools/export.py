@@ -224,7 +224,7 @@ def export_peft(model, base_dir: str, out_dir: str, vllm: bool = False, overwrit
                          f"{model.cfg.model_type!r} (only {', '.join(PEFT_FAMILIES)}): export a merged copy (--out)")
     moe_layers = [(i, b.mlp) for i, b in enumerate(model.layers) if b.is_moe]
     if not moe_layers or any(blk.experts.lora is None for _, blk in moe_layers):
-        raise ValueError("the model has no DR-LoRA adapters to export (drlora.load_adapter first)")
+        raise ValueError("the model has no DR-LoRA adapters to export (hf.load_adapter first)")
     cfg = moe_layers[0][1].experts.lora.cfg
     router = not cfg.freeze_router
     if vllm and router:
@@ -294,7 +294,7 @@ def main(argv=None):
     refuse_nonempty(args.out or args.peft, args.overwrite)  # before the minutes a large base takes to load
     path = hf.find_checkpoint(args.base)
     model = hf.from_pretrained(path, dtype=torch.float32)
-    cfg = drlora.load_adapter(model, args.adapter)
+    cfg = hf.load_adapter(model, args.adapter)
     ranks = [blk.experts.lora.ranks.sum().item() for blk in model.moe_layers()]
     dtype = source_dtype(model.cfg) if args.dtype == "auto" else DTYPES[args.dtype]
     about = f"{args.adapter} ({cfg.method}, targets {','.join(cfg.targets)}, ranks per layer {ranks})"

@@ -16,12 +16,12 @@ Nothing is downloaded. Without transformers or PEFT the reference is skipped, wi
    For each: tokens/s, peak memory (torch.cuda.max_memory_allocated), MFU (model FLOPs of bench.step_flops,
    recomputation not counted) over H200_BF16 and over the bf16 matmul rate measured here, aten operators per
    step (bench.step_ops) and, on CUDA, kernels per step (torch.profiler). Checks: our logits and MoE blocks
-   match the reference's (same_function), and ours ran the grouped path (moe.Experts.grouped still True,
+   match the reference's (same_function), and ours ran the grouped path (every layer's experts.grouped still True,
    F.grouped_mm 3 + 2 x adapted projections times per MoE layer in each forward), not a silent fallback to
    the per-expert loop.
 2. train.py: 20 DR-LoRA steps on a small OLMoE-shaped checkpoint and an arithmetic task written here (LoRA
    dropout 0.1, gradient checkpointing, 2 micro-batches a step, growth events at steps 0, 5, 10 and 15),
-   once straight through and once killed after step 9 (--exit_at_step; checkpoint at 10) and resumed. Both
+   once straight through and once killed after step 9 (tools/kill_at.py; checkpoint at 10) and resumed. Both
    must end with the same adapter, ranks, routing statistics and losses, bit for bit: train.py runs under
    torch.use_deterministic_algorithms(True) (with CUBLAS_WORKSPACE_CONFIG), where index_add_ and the other
    atomic sums take deterministic kernels. Should an operator have none there, the runs go again without it
@@ -263,8 +263,9 @@ def section_step(cfg, batch: int, seq: int, device: str, warmup: int, steps: int
         out[name] = figures(times, flops, tokens, peak, phases, kernels, why, rate)
         gmm, want = sum(n for op, n in phases["forward"].items() if "grouped_mm" in op), L * (3 + 2 * len(lcfg.targets))
         out[name]["grouped_mm_per_forward"] = gmm
-        if not moe.Experts.grouped or gmm != want:
-            failures.append(f"{name}: the grouped path did not run (moe.Experts.grouped {moe.Experts.grouped}, "
+        grouped = all(blk.experts.grouped for blk in model.moe_layers())
+        if not grouped or gmm != want:
+            failures.append(f"{name}: the grouped path did not run (experts.grouped {grouped}, "
                             f"{gmm} grouped_mm calls in a forward, expected {want})")
     if not reference:
         return out, None
@@ -330,8 +331,8 @@ def print_step(out: dict, parity, rate, device: str):
 # 2. train.py: growth, a kill and a resume
 
 
-DETERMINISTIC = ("import runpy, sys, torch; torch.use_deterministic_algorithms(True); sys.argv[0] = 'train.py'; "
-                 "runpy.run_path('train.py', run_name='__main__')")
+DETERMINISTIC = ("import runpy, sys, torch; torch.use_deterministic_algorithms(True); sys.argv = sys.argv[1:]; "
+                 "runpy.run_path(sys.argv[0], run_name='__main__')")  # then the script and its flags
 
 
 def small_checkpoint(folder: str, tiny: bool) -> tuple[str, str]:
@@ -349,13 +350,14 @@ def small_checkpoint(folder: str, tiny: bool) -> tuple[str, str]:
     return base, task
 
 
-def train(base, task, out, device, deterministic: bool, *extra) -> subprocess.CompletedProcess:
+def train(base, task, out, device, deterministic: bool, *extra, kill_at=None) -> subprocess.CompletedProcess:
     argv = ["--model", base, "--preset", "tiny", "--task", task, "--out_dir", out, "--device", device,
             "--steps", str(RESUME_STEPS), "--batch_size", "8", "--grad_accum", "2", "--block_size", "128",
             "--r_init", "2", "--r_target", "4", "--r_max", "8", "--dT", str(DT), "--dropout", "0.1",
             "--grad_ckpt", "true", "--eval_base", "false", "--eval_interval", "1000", "--eval_samples", "4",
             "--max_new_tokens", "3", "--log_interval", "5", "--ckpt_interval", "10", *extra]
-    cmd = [sys.executable, "-c", DETERMINISTIC, *argv] if deterministic else [sys.executable, "train.py", *argv]
+    script = ["train.py"] if kill_at is None else ["tools/kill_at.py", str(kill_at)]  # SIGKILL as step kill_at starts
+    cmd = [sys.executable, *(["-c", DETERMINISTIC] if deterministic else []), *script, *argv]
     env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # cuBLAS's deterministic workspace
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
 
@@ -389,9 +391,9 @@ def section_resume(device: str, tiny: bool, failures: list) -> dict:
         base, task = small_checkpoint(tmp, tiny)
         runs = {}
 
-        def go(name, out, *extra, rc=0, deterministic=True):
+        def go(name, out, *extra, rc=0, deterministic=True, kill_at=None):
             t0 = time.time()
-            p = train(base, task, os.path.join(tmp, out), device, deterministic, *extra)
+            p = train(base, task, os.path.join(tmp, out), device, deterministic, *extra, kill_at=kill_at)
             runs[name] = {"rc": p.returncode, "seconds": round(time.time() - t0, 1)}
             if p.returncode != rc:
                 runs[name]["stderr"] = p.stderr[-3000:]
@@ -408,7 +410,7 @@ def section_resume(device: str, tiny: bool, failures: list) -> dict:
             deterministic = False
             p = go("straight", "a", deterministic=False)
         report["deterministic_algorithms"] = deterministic
-        go("killed", "b", "--exit_at_step", str(KILL_AFTER), rc=3, deterministic=deterministic)
+        go("killed", "b", rc=-9, deterministic=deterministic, kill_at=KILL_AFTER + 1)
         resumed = go("resumed", "b", "--resume", deterministic=deterministic)
         report["runs"] = runs
         bad = [f"{n} exit {r['rc']}: {r.get('stderr', '')[-600:]}" for n, r in runs.items() if "stderr" in r]
