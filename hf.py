@@ -361,6 +361,8 @@ def find_checkpoint(name: str, download: bool = True, weights: bool = True) -> s
     config.json is enough); else a download. Else one message saying where it looked."""
     if os.path.isdir(name):
         return name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/"):  # a path, not "owner/name"
+        raise FileNotFoundError(f"--model {name}: no such checkpoint folder")
     repo = KNOWN_MODELS.get(name, name)
     if "/" not in repo:
         raise ValueError(f"unknown model {name!r}: give a checkpoint folder, a Hugging Face repo id, "
