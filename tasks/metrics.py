@@ -2,6 +2,9 @@
 metric and this module as its "evaluator"; evals.evaluate_task imports the module by that name and
 calls evaluate(), so the core never imports the harness.
 
+- gsm8k: greedy answers, cut where lm-eval's generation stops, read by lm-eval's gsm8k filters:
+  strict-match (the number after '####', else after 'The answer is') and flexible-extract (the last
+  number); headline "accuracy (K-shot, flexible-extract)", K from the manifest (tasks/gsm8k.py --shots).
 - multiple_choice (MedMCQA, LEDGAR): the log-likelihood of each option's answer tokens after the
   prompt, batched; accuracy by the sum (the usual "acc") and by the mean per token ("acc_norm").
 - humaneval: pass@1 of greedy completions, by code_eval.py, which RUNS THE MODEL'S CODE.
@@ -12,6 +15,8 @@ calls evaluate(), so the core never imports the harness.
 """
 import json
 import os
+import re
+from fractions import Fraction
 
 import torch
 
@@ -82,6 +87,71 @@ def multiple_choice(model, dataset, choices: list[dict], n: int | None = None, b
     return {"accuracy": acc / max(n, 1), "accuracy_norm": acc_norm / max(n, 1), "n": n}
 
 
+# --- GSM8K: lm-eval's gsm8k answer filters
+
+
+GSM8K_STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval gsm8k's `until`: where its generation stops
+FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # lm-eval gsm8k's flexible-extract
+IGNORED = (",", r"\$", r"(?s).*#### ", r"\.$")  # lm-eval gsm8k's exact_match regexes_to_ignore
+
+
+def cut(text: str, stops=GSM8K_STOP) -> str:
+    """The text before the first stop string: what lm-eval's generation, which stops there, returns."""
+    for stop in stops:
+        text = text.split(stop)[0]
+    return text
+
+
+def flexible_extract(text: str) -> str | None:
+    """lm-eval's flexible-extract: the last match of its pattern (a run of 2+ of `$0-9.,`, else an
+    integer), None where there is none."""
+    found = FLEXIBLE.findall(text)
+    return next(g for g in found[-1] if g).strip() if found else None
+
+
+def as_number(answer: str) -> Fraction | str:
+    """An extracted answer as lm-eval compares it (commas, '$', a trailing '.' removed, lower case),
+    then as an exact Fraction where it reads as one: '18.00' equals '18', which lm-eval's string
+    comparison does not count."""
+    for pattern in IGNORED:
+        answer = re.sub(pattern, "", answer)
+    try:
+        return Fraction(answer.lower())
+    except (ValueError, ZeroDivisionError):
+        return answer.lower()
+
+
+def gsm8k_verdicts(output: str, reference: Fraction) -> tuple[bool, bool]:
+    """(strict-match, flexible-extract) of one output, cut at lm-eval's stop strings. Strict: the
+    number after the first '####', else after the last 'The answer is' (common.extract_number: the
+    GSM8K format, and that of the 8-shot exemplars and MetaMathQA; lm-eval's gsm8k and gsm8k-cot
+    strict-match read one each)."""
+    text = cut(output)
+    flexible = flexible_extract(text)
+    return common.extract_number(text) == reference, flexible is not None and as_number(flexible) == reference
+
+
+def gsm8k(model, tokenizer, dataset, n: int | None = None, max_new_tokens: int = 512, batch_size: int = 16,
+          autocast=None, examples: int = 0) -> tuple[dict, list]:
+    """Strict and flexible accuracy of greedy answers to the first n test prompts (with their
+    exemplars, if the task was prepared with --shots). Returns ({"strict-match", "flexible-extract",
+    "n"}, [(prompt, output, flexible ok)])."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    pairs = [evals.split_sample(*dataset[i]) for i in range(n)]
+    outputs = evals.greedy(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size, autocast)
+    strict = flexible = 0
+    shown = []
+    for i, ((prompt, answer), output) in enumerate(zip(pairs, outputs)):
+        reference = common.extract_number(tokenizer.decode(answer))
+        if reference is None:
+            raise ValueError(f"test sample {i}: its reference answer has no final number: remake the task's data")
+        s, f = gsm8k_verdicts(output, reference)
+        strict, flexible = strict + s, flexible + f
+        if len(shown) < examples:
+            shown.append((tokenizer.decode(prompt), output, f))
+    return {"strict-match": strict / max(n, 1), "flexible-extract": flexible / max(n, 1), "n": n}, shown
+
+
 # --- HumanEval and IFEval
 
 
@@ -136,6 +206,11 @@ def evaluate(metric: str, model, tokenizer, folder, test_set, n: int | None = No
         r = multiple_choice(model, test_set, choices, n, autocast=autocast)
         return {"metric": "accuracy", "score": r["accuracy"], "higher_is_better": True,
                 "accuracy_norm": r["accuracy_norm"]}, []
+    if metric == "gsm8k":
+        r, shown = gsm8k(model, tokenizer, test_set, n, max_new_tokens, autocast=autocast, examples=examples)
+        shots = test_set.manifest.get("shots", 0)
+        return {"metric": f"accuracy ({shots}-shot, flexible-extract)", "score": r["flexible-extract"],
+                "higher_is_better": True, **r}, shown
     if metric == "humaneval":
         problems = load_jsonl(os.path.join(folder, "test_problems.jsonl"))
         score, shown = humaneval(model, tokenizer, test_set, problems, n, max_new_tokens, autocast=autocast,

@@ -45,10 +45,11 @@ class Task:
     test: list[str] | Callable[[], list[str]]  # default test sources (a function: resolved when used)
     train_example: Callable  # (row, args) -> {"messages": [...], ...}; raises ValueError on a bad row
     test_example: Callable
-    metric: str  # what evals.evaluate_task computes: exact_match | multiple_choice | humaneval | test_loss
+    metric: str  # what evals.evaluate_task computes: gsm8k | multiple_choice | humaneval | translation | ifeval | ...
     prompts_only_test: bool = False  # test rows are prompts without answers (IFEval): test.npz is held out from train
     add_args: Callable | None = None  # (parser) -> None: the task's own flags
     finish: Callable | None = None  # (train, test, args): steps that need every row (LEDGAR's label set)
+    record: tuple[str, ...] = ()  # the task's own flags that its metric reads, kept in manifest.json (--shots)
 
 
 # --- JSON lines, read by the prepare scripts of downloaded data sets
@@ -282,7 +283,8 @@ def prepare(task: Task, args, made_by: str | None = None) -> dict:
         files["test_prompts.jsonl"] = len(prompts)
     manifest = common.read_manifest(out)
     manifest.update(task=task.name, metric=task.metric, evaluator=EVALUATOR, format=fmt.name, model=args.model,
-                    max_len=args.max_len, val_size=args.val_size, files=files, made_by=made_by, **report)
+                    max_len=args.max_len, val_size=args.val_size, files=files, made_by=made_by, **report,
+                    **{k: getattr(args, k) for k in task.record})
     write.write_manifest(out, manifest)
     return manifest
 

@@ -110,7 +110,7 @@ def test_chat_template_ids_and_mask_exact(tmp_path, template, bos, prompt, answe
     ids, mask = common.load_sft(out / "test.npz")[0]
     assert ids.tolist() == prompt + answer
     assert mask.tolist() == [False] * len(prompt) + [True] * len(answer)
-    assert m["format"].startswith("chat_template sha256:") and m["metric"] == "exact_match"
+    assert m["format"].startswith("chat_template sha256:") and m["metric"] == "gsm8k"
     cfg = hf.config_from_hf(json.load(open(tmp_path / "ckpt" / "config.json")))
     assert m["tokenizer"] == hf.load_tokenizer(model, cfg).name  # what train.py checks
 
@@ -392,12 +392,99 @@ class Scripted(torch.nn.Module):
 
 
 def test_exact_match_on_gsm8k_answers(tmp_path):
+    """The core's exact match, which folders made before the "gsm8k" metric still name."""
     m, out = prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST)
     test_set, tok = common.load_sft(out / "test.npz"), hf.ByteTokenizer()
-    model = Scripted(tok, ["2+2 is 4. The answer is: 4", "The answer is 1000.00"])
-    r, shown = evals.evaluate_task(model, tok, out, test_set, examples=1)
-    assert r == {"metric": "accuracy", "score": 1.0, "higher_is_better": True} and shown[0][2]
+    assert evals.exact_match(Scripted(tok, ["2+2 is 4. The answer is: 4", "The answer is 1000.00"]), tok, test_set)[0] == 1
     assert evals.exact_match(Scripted(tok, ["#### 5", "#### 1,000"]), tok, test_set)[0] == 0.5
+
+
+# (output, reference, lm-eval's verdicts strict and flexible, ours where they differ on purpose, why).
+# lm-eval's strict is gsm8k's strict-match `#### (\-?[0-9\.\,]+)` where the output has '####', else
+# gsm8k-cot's `The answer is (\-?[0-9\.\,]+).`; flexible is `(-?[$0-9.,]{2,})|(-?[0-9]+)`, last match;
+# both then drop ',', '$' and a final '.' and compare strings. Worked out by hand.
+GSM8K_TABLE = [
+    ("Natalia sold 48/2 = 24 clips.\n#### 1,000", 1000, True, True, None, ""),  # last match '1,000' -> '1000'
+    ("The total is $1,000.", 1000, False, True, None, ""),  # '$1,000.' -> '1000'
+    ("#### -3", -3, True, True, None, ""),  # flexible: '-3' by the integer branch
+    ("It fell by 5 degrees to -2.", -2, False, True, None, ""),  # '-2.' -> '-2'
+    ("5 apples and 3 pears make 8.", 8, False, True, None, ""),  # several numbers: the last, '8.'
+    ("No idea.", 8, False, False, None, ""),  # no number: lm-eval's '[invalid]', our None
+    ("Wait...", 8, False, False, None, ""),  # flexible reads '...' -> '..': not a number either way
+    ("The answer is 18.", 18, True, True, None, ""),  # gsm8k-cot's strict: '18' then any character
+    ("The answer is 5, not 6.", 5, True, False, None, ""),  # strict '5,' -> '5'; flexible the last, '6.'
+    ("#### 5.\n", 5, True, True, None, ""),  # '5.' -> '5'
+    ("#### 72\nThe answer is 73", 72, True, False, None, ""),  # strict: the first '####'
+    ("10-3=7", 7, False, True, None, ""),  # '10', '-3', '7': the last
+    ("It costs 1,2345 dollars.", 12345, False, True, None, ""),  # commas dropped whatever the grouping
+    # lm-eval stops generating at 'Question:'; we cut the output there, so both read '3 + 4 = 7.\n#### 7\n\n'
+    ("3 + 4 = 7.\n#### 7\n\nQuestion: Tom has 2 apples.", 7, True, True, None, ""),
+    ("The answer is: 18", 18, False, True, (True, True),
+     "MetaMathQA, which the model is tuned on, writes 'The answer is: N'; lm-eval's pattern wants no colon"),
+    ("The answer is $18.00.", 18, False, False, (True, True),
+     "'$' is read, and numbers are compared exactly (18.00 = 18) where lm-eval compares strings"),
+    ("####72", 72, False, True, (True, True), "common.extract_number allows no space after '####'"),
+    ("#### 1,2345", 12345, True, True, (False, True),
+     "common.extract_number reads a malformed grouping as '1' rather than guess what was meant"),
+]
+
+
+@pytest.mark.parametrize("output, reference, strict, flexible, ours, why", GSM8K_TABLE)
+def test_gsm8k_answer_filters_agree_with_lm_eval(output, reference, strict, flexible, ours, why):
+    assert metrics.gsm8k_verdicts(output, Fraction(reference)) == (ours or (strict, flexible))
+
+
+def test_gsm8k_table_is_what_lm_evals_own_filters_say():
+    """The table's lm-eval columns, through lm-eval's RegexFilter and exact_match (skipped without it)."""
+    extraction = pytest.importorskip("lm_eval.filters.extraction")
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+
+    for output, reference, strict, flexible, _, _ in GSM8K_TABLE:
+        text = output.split("Question:")[0]  # lm-eval's `until`
+        pattern = r"#### (\-?[0-9\.\,]+)" if "####" in text else r"The answer is (\-?[0-9\.\,]+)."
+        got = []
+        for f in (extraction.RegexFilter(pattern),
+                  extraction.RegexFilter(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select=-1)):
+            (answer,), = f.apply([[text]], [{}])
+            got.append(bool(exact_match_hf_evaluate([answer], [str(reference)], ignore_case=True,
+                                                    regexes_to_ignore=list(metrics.IGNORED))["exact_match"]))
+        assert got == [strict, flexible], output
+
+
+def test_gsm8k_eight_shot_prompts_on_the_test_side_only(tmp_path):
+    m, out = prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST, "--shots", "2", "--max_len", "1024")
+    (q1, a1), (q2, a2) = gsm8k.EXEMPLARS[:2]
+    prompt = f"Question: {q1}\nAnswer: {a1}\n\nQuestion: {q2}\nAnswer: {a2}\n\nQuestion: 2+2?\nAnswer:"
+    ids, mask = common.load_sft(out / "test.npz")[0]
+    assert ids.tolist() == [256] + list(prompt.encode()) + list(b" 2+2=<<2+2=4>>4\n#### 4") + [256]
+    assert mask.sum() == len(" 2+2=<<2+2=4>>4\n#### 4") + 1 and m["shots"] == 2
+    for i in range(m["splits"]["train"]["samples"]):  # training samples stay 0-shot
+        assert b"grove" not in bytes(common.load_sft(out / "train.npz")[i][0][1:-1].tolist())
+    model = make_checkpoint(tmp_path / "ckpt", TULU_TEMPLATE)
+    m, out = prepare(gsm8k, tmp_path / "chat", model, MATH_TRAIN, MATH_TEST, "--shots", "8", "--max_len", "4096")
+    prompt, answer = evals.split_sample(*common.load_sft(out / "test.npz")[1])
+    turns = [t for q, a in gsm8k.EXEMPLARS for t in chars(f"<|user|>\n{q}\n<|assistant|>\n{a}") + [EOS] + chars("\n")]
+    assert prompt == turns + chars("<|user|>\n10*100?\n<|assistant|>\n") and m["shots"] == 8
+    with pytest.raises(SystemExit):
+        prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST, "--shots", "9")
+
+
+def test_gsm8k_metric_through_evaluate(tmp_path):
+    m, out = prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST * 3, "--shots", "8", "--max_len", "4096")
+    test_set, tok = common.load_sft(out / "test.npz"), hf.ByteTokenizer()  # references 4, 1000, 4, 1000, 4, 1000
+    outputs = ["2+2 is 4. The answer is: 4",  # strict and flexible
+               "10*100 = 1,000.\n\nQuestion: What is 5+5?",  # flexible only ('1,000.'; cut at 'Question:')
+               "#### 4\nThe answer is 5",  # strict only (the first '####'; the last number is 5)
+               "I do not know.",  # neither
+               "2 and 2 make 4.",  # flexible only
+               "The answer is 1000"]  # both
+    r, shown = evals.evaluate_task(Scripted(tok, outputs), tok, out, test_set, examples=2)
+    assert r == {"metric": "accuracy (8-shot, flexible-extract)", "score": pytest.approx(4 / 6),
+                 "higher_is_better": True, "strict-match": 0.5, "flexible-extract": pytest.approx(4 / 6), "n": 6}
+    assert [(s[1], s[2]) for s in shown] == [(outputs[0], True), (outputs[1], True)]
+    assert shown[0][0].endswith("Question: 2+2?\nAnswer:") and "grove" in shown[0][0]
+    r, _ = evals.evaluate_task(Scripted(tok, outputs), tok, out, test_set, n=3)
+    assert (r["strict-match"], r["flexible-extract"], r["n"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3), 3)
 
 
 # --- evaluation: multiple choice
