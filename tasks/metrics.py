@@ -8,14 +8,19 @@ calls evaluate(), so the core never imports the harness.
 - multiple_choice (MedMCQA, LEDGAR): the log-likelihood of each option's answer tokens after the
   prompt, batched; accuracy by the sum (the usual "acc") and by the mean per token ("acc_norm").
 - humaneval: pass@1 of greedy completions, by code_eval.py, which RUNS THE MODEL'S CODE.
-- test_loss (WMT, the Tulu mix): mean cross-entropy per answer token of test.npz, through the
-  model's own loss (evals.val_loss); lower is better. No BLEU: that would need sacrebleu.
+- translation (WMT): greedy translations (up to the first line break) scored per language pair by
+  sacrebleu's chrF and BLEU, and by COMET (Unbabel/wmt22-comet-da) where unbabel-comet is installed
+  and its model loads (it downloads it on first use; offline a warning says so and chrF stands);
+  headline "COMET (Unbabel/wmt22-comet-da)", else "chrF": the mean over the pairs.
+- test_loss (the Tulu mix): mean cross-entropy per answer token of test.npz, through the model's own
+  loss (evals.val_loss); lower is better.
 - generate_responses: IFEval's {prompt, response} file, to score with IFEval's own code
   (tasks/ifeval_responses.py writes it).
 """
 import json
 import os
 import re
+import warnings
 from fractions import Fraction
 
 import torch
@@ -25,9 +30,9 @@ from data import common
 from tasks import prepare
 
 
-def load_jsonl(path) -> list[dict]:
+def load_jsonl(path, required_keys=()) -> list[dict]:
     """A task's side file (test_choices.jsonl, ...): bad lines raise with the file and line number."""
-    return list(prepare.read_jsonl(path))
+    return list(prepare.read_jsonl(path, required_keys))
 
 
 # --- multiple choice
@@ -152,6 +157,101 @@ def gsm8k(model, tokenizer, dataset, n: int | None = None, max_new_tokens: int =
     return {"strict-match": strict / max(n, 1), "flexible-extract": flexible / max(n, 1), "n": n}, shown
 
 
+# --- translation (WMT): sacrebleu's chrF and BLEU, COMET where it can be had
+
+
+COMET_MODEL = "Unbabel/wmt22-comet-da"
+_comet_models = {}  # name -> the loaded model, or the error that loading it raised (not retried each eval)
+
+
+class CometUnavailable(RuntimeError):
+    """COMET's model could not be loaded: the translation scores go on without it."""
+
+
+def hypothesis(output: str, source: str) -> str:
+    """The translation in a greedy output: stripped, and cut at its first line break where the source
+    has none (lm-eval's WMT tasks stop generating at '\n'; a model may go on with another turn)."""
+    text = output.strip()
+    return text if "\n" in source else text.split("\n")[0].strip()
+
+
+def chrf_bleu(rows: list[dict], hypotheses: list[str]) -> dict:
+    """sacrebleu's corpus chrF and BLEU for each language pair of rows ({lp, src, ref}), BLEU with the
+    target language's tokenizer (zh: 'zh'), and their means over the pairs."""
+    try:
+        from sacrebleu.metrics import BLEU, CHRF
+    except ImportError as e:
+        raise ImportError("scoring translations needs sacrebleu: pip install sacrebleu") from e
+    out, by_pair = {}, {}
+    for row, hyp in zip(rows, hypotheses):
+        by_pair.setdefault(row["lp"], []).append((hyp, row["ref"]))
+    for lp, pairs in by_pair.items():
+        hyps, refs = [h for h, _ in pairs], [[r for _, r in pairs]]
+        out[f"chrF {lp}"] = CHRF().corpus_score(hyps, refs).score
+        out[f"BLEU {lp}"] = BLEU(trg_lang=lp.split("-")[1]).corpus_score(hyps, refs).score
+        out[f"n {lp}"] = len(pairs)
+    for name in ("chrF", "BLEU"):
+        out[name] = sum(out[f"{name} {lp}"] for lp in by_pair) / len(by_pair)
+    return out
+
+
+def comet_model(name: str = COMET_MODEL):
+    """unbabel-comet's model, downloaded on first use and kept; raises ImportError or CometUnavailable."""
+    if name not in _comet_models:
+        try:
+            from comet import download_model, load_from_checkpoint
+        except ImportError as e:
+            raise ImportError("COMET needs unbabel-comet: pip install unbabel-comet") from e
+        try:
+            _comet_models[name] = load_from_checkpoint(download_model(name))
+        except Exception as e:  # offline, no disk, a changed hub: whatever it is, the other scores stand
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            _comet_models[name] = CometUnavailable(f"COMET's model {name} could not be loaded ({type(e).__name__}: "
+                                               f"{first}); it is downloaded on first use, which needs the network")
+    if isinstance(_comet_models[name], Exception):
+        raise _comet_models[name]
+    return _comet_models[name]
+
+
+def comet_scores(rows: list[dict], hypotheses: list[str], batch_size: int = 16) -> dict:
+    """COMET's mean segment score for each language pair and their mean over the pairs."""
+    model = comet_model()
+    samples = [{"src": r["src"], "mt": h, "ref": r["ref"]} for r, h in zip(rows, hypotheses)]
+    scores = list(model.predict(samples, batch_size=batch_size, gpus=int(torch.cuda.is_available()),
+                                progress_bar=False).scores)
+    if len(scores) != len(rows):
+        raise RuntimeError(f"COMET returned {len(scores)} scores for {len(rows)} translations")
+    out, by_pair = {}, {}
+    for r, x in zip(rows, scores):
+        by_pair.setdefault(r["lp"], []).append(x)
+    for lp, xs in by_pair.items():
+        out[f"COMET {lp}"] = sum(xs) / len(xs)
+    out["COMET"] = sum(out[f"COMET {lp}"] for lp in by_pair) / len(by_pair)
+    return out
+
+
+def translation(model, tokenizer, dataset, rows: list[dict], n: int | None = None, max_new_tokens: int = 512,
+                batch_size: int = 16, autocast=None, examples: int = 0) -> tuple[dict, list]:
+    """Greedy translations of the first n test samples (test_translations.jsonl, in test.npz's order)
+    scored against their references: chrF, BLEU and, where it can be had, COMET, each per pair and
+    as a mean over the pairs. Without COMET a warning says why, and so does "COMET_error".
+    Returns (scores, [(source, translation, identical to the reference)])."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    if len(rows) != len(dataset):
+        raise ValueError(f"{len(rows)} translations for {len(dataset)} test samples: remake the task's data")
+    rows = rows[:n]
+    prompts = [evals.split_sample(*dataset[i])[0] for i in range(n)]
+    outputs = evals.greedy(model, tokenizer, prompts, max_new_tokens, batch_size, autocast)
+    hyps = [hypothesis(o, r["src"]) for o, r in zip(outputs, rows)]
+    scores = {**chrf_bleu(rows, hyps), "n": n}
+    try:
+        scores.update(comet_scores(rows, hyps))
+    except (ImportError, CometUnavailable) as e:
+        warnings.warn(f"WMT: no COMET score ({e}); the headline is chrF")
+        scores["COMET_error"] = str(e)
+    return scores, [(r["src"], h, h == r["ref"]) for r, h in zip(rows, hyps)][:examples]
+
+
 # --- HumanEval and IFEval
 
 
@@ -216,6 +316,12 @@ def evaluate(metric: str, model, tokenizer, folder, test_set, n: int | None = No
         score, shown = humaneval(model, tokenizer, test_set, problems, n, max_new_tokens, autocast=autocast,
                                  examples=examples)
         return {"metric": "pass@1", "score": score, "higher_is_better": True}, shown
+    if metric == "translation":
+        rows = load_jsonl(os.path.join(folder, "test_translations.jsonl"), ("lp", "src", "ref"))
+        r, shown = translation(model, tokenizer, test_set, rows, n, max_new_tokens, autocast=autocast,
+                               examples=examples)
+        name, headline = (f"COMET ({COMET_MODEL})", "COMET") if "COMET" in r else ("chrF", "chrF")
+        return {"metric": name, "score": r[headline], "higher_is_better": True, **r}, shown
     if metric == "test_loss":
         max_len = common.manifest_get(test_set.manifest, "max_len", folder)
         return {"metric": "test_loss", "score": held_out_loss(model, tokenizer, test_set, max_len, n, autocast),

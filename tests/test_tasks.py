@@ -6,6 +6,7 @@ templates, malformed rows named by file and line, and metrics checked against pl
 computations."""
 import ast
 import fnmatch
+import functools
 import gzip
 import json
 import pathlib
@@ -296,18 +297,127 @@ def test_ledgar_distractors_fixed_by_seed_whatever_the_order(tmp_path):
         prepare(ledgar, tmp_path / "x", "tiny", numbered, numbered[:6])
 
 
-def test_wmt_pairs_and_direction(tmp_path):
-    rows = [{"translation": {"en": "Hello.", "de": "Hallo."}}, {"translation": {"cs": "Ahoj.", "en": "Hi."}},
-            {"translation": {"zh": "你好。", "en": "Hello."}}]
-    m, out = prepare(wmt, tmp_path, "tiny", rows, rows)
-    ds = common.load_sft(out / "test.npz")
-    ids, mask = ds[2]
-    prompt = "Question: Translate the following English text into Chinese:\n\nHello.\nAnswer:"
-    assert ids.tolist() == [256] + list(prompt.encode()) + list(" 你好。".encode()) + [256]
-    m, out = prepare(wmt, tmp_path, "tiny", rows, rows, "--to_english")
-    assert bytes(common.load_sft(out / "test.npz")[1][0][-4:-1].tolist()) == b"Hi."
-    with pytest.raises(ValueError, match=r"line 1: language 'fr'"):
-        prepare(wmt, tmp_path, "tiny", rows, [{"translation": {"en": "a", "fr": "b"}}])
+def da_row(lp, src, ref, mt="x"):  # a WMT-DA-Human-Evaluation row: one system's rated translation
+    return {"lp": lp, "src": src, "mt": mt, "ref": ref, "score": -0.1, "raw": 70.0, "annotators": 1,
+            "domain": "news", "year": 2022}
+
+
+WMT_TRAIN = [da_row("en-de", "Hello.", "Hallo.", mt="Hallo!"), da_row("en-de", "Hello.", "Hallo.", mt="Hi."),
+             da_row("de-en", "Guten Tag.", "Good day."), da_row("en-cs", "Thank you.", "Děkuji."),
+             da_row("en-zh", "Good night.", "晚安。"), da_row("en-de", "Good morning, my friend.", "Guten Morgen."),
+             da_row("en-ja", "Yes.", "はい。"), {"translation": {"en": "Yes.", "de": "Ja."}}]
+WMT_TEST = [{"en-de": {"en": "Good morning, my friend.", "de": "Guten Morgen, mein Freund."}},  # WMT23-Test's shape
+            {"en-de": {"en": "Thanks a lot.", "de": "Vielen Dank."}},
+            {"en-cs": {"en": "Good morning, my friend.", "cs": "Dobré ráno, příteli."}},
+            {"en-zh": {"en": "Thank you for your help.", "zh": "谢谢你的帮助。"}},
+            {"de-en": {"de": "Danke.", "en": "Thanks."}}]
+
+
+def test_wmt_reads_the_papers_sources_and_wmt19(tmp_path):
+    m, out = prepare(wmt, tmp_path, "tiny", WMT_TRAIN, WMT_TEST)
+    train, test = str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl")
+    assert m["not_used"] == {train: 2, test: 1} and m["duplicates"] == {"train": 1, "test": 0}
+    assert m["train_rows_in_test"] == 1 and m["pairs"] == ["en-cs", "en-de", "en-zh"] and m["metric"] == "translation"
+    # the used training rows: 'Hello.', 'Thank you.', 'Good night.', 'Yes.' (its 'Good morning' is a test source)
+    answers = sorted(bytes(ds[i][0][-1 - int(ds[i][1].sum()) + 1:-1].tolist()).decode()
+                     for ds in (common.load_sft(out / "train.npz"), common.load_sft(out / "val.npz")) for i in range(len(ds)))
+    assert answers == sorted([" Hallo.", " Děkuji.", " 晚安。", " Ja."])
+    rows = metrics.load_jsonl(out / "test_translations.jsonl")  # interleaved: en-de, en-cs, en-zh, en-de
+    assert rows == [{"lp": "en-de", "src": "Good morning, my friend.", "ref": "Guten Morgen, mein Freund."},
+                    {"lp": "en-cs", "src": "Good morning, my friend.", "ref": "Dobré ráno, příteli."},
+                    {"lp": "en-zh", "src": "Thank you for your help.", "ref": "谢谢你的帮助。"},
+                    {"lp": "en-de", "src": "Thanks a lot.", "ref": "Vielen Dank."}] and m["files"] == {"test_translations.jsonl": 4}
+    ids, mask = common.load_sft(out / "test.npz")[2]
+    prompt = "Question: Translate the following English text into Chinese:\n\nThank you for your help.\nAnswer:"
+    assert ids.tolist() == [256] + list(prompt.encode()) + list(" 谢谢你的帮助。".encode()) + [256]
+    m, out = prepare(wmt, tmp_path / "back", "tiny", WMT_TRAIN * 2, WMT_TEST, "--pairs", "de-en")  # the other way
+    assert metrics.load_jsonl(out / "test_translations.jsonl") == [{"lp": "de-en", "src": "Danke.", "ref": "Thanks."}]
+    train_set = common.load_sft(out / "train.npz")
+    assert {bytes(train_set[i][0][-6:-1].tolist()) for i in range(len(train_set))} <= {b" day.", b" Yes."}
+
+
+def test_wmt_bad_rows_are_named(tmp_path):
+    for rows, why in [([{"translation": {"en": "a", "fr": "b"}}], "none of its 1 rows is used (rows of language pairs "
+                       "other than --pairs are left out)"),
+                      ([da_row("ende", "a", "b")], "line 1: 'lp' is 'ende', not a language pair"),
+                      ([{"lp": "en-de", "src": "a"}], "line 1: 'ref' is missing"),
+                      ([{"en-de": {"en": "a"}}], "line 1: 'de' is missing"),
+                      ([{"text": "a"}], "line 1: the row has neither 'lp' nor 'translation' nor one 'xx-yy' key")]:
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "test.jsonl")) + ".*" + re.escape(why)):
+            prepare(wmt, tmp_path, "tiny", WMT_TRAIN, rows)
+    with pytest.raises(SystemExit):
+        prepare(wmt, tmp_path, "tiny", WMT_TRAIN, WMT_TEST, "--pairs", "en-xx")
+
+
+WMT_OUTPUTS = ["Guten Morgen, mein Freund.\n\nQuestion: Translate",  # cut at the line break: the reference
+               "xyz",  # no character in common with 'Dobré ráno, příteli.': chrF and BLEU 0
+               " 谢谢你的帮助。 ",  # stripped: the reference
+               "Vielen Dank."]
+
+
+def test_translation_scores_chrf_and_bleu_without_comet(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "comet", None)  # as where unbabel-comet is not installed
+    monkeypatch.setattr(metrics, "_comet_models", {})
+    m, out = prepare(wmt, tmp_path, "tiny", WMT_TRAIN, WMT_TEST)
+    test_set, tok = common.load_sft(out / "test.npz"), hf.ByteTokenizer()
+    with pytest.warns(UserWarning, match=r"no COMET score \(COMET needs unbabel-comet: pip install unbabel-comet\); "
+                                         r"the headline is chrF"):
+        r, shown = evals.evaluate_task(Scripted(tok, WMT_OUTPUTS), tok, out, test_set, examples=2)
+    # per pair: en-de 100 (both identical), en-cs 0, en-zh 100; the headline is their mean, 200 / 3
+    approx = functools.partial(pytest.approx, abs=1e-9)
+    assert r == {"metric": "chrF", "score": approx(200 / 3), "higher_is_better": True, "n": 4,
+                 "chrF": approx(200 / 3), "BLEU": approx(200 / 3),
+                 "chrF en-de": approx(100), "chrF en-cs": approx(0), "chrF en-zh": approx(100),
+                 "BLEU en-de": approx(100), "BLEU en-cs": approx(0), "BLEU en-zh": approx(100),
+                 "n en-de": 2, "n en-cs": 1, "n en-zh": 1, "COMET_error": "COMET needs unbabel-comet: pip install unbabel-comet"}
+    assert shown == [("Good morning, my friend.", "Guten Morgen, mein Freund.", True), ("Good morning, my friend.", "xyz", False)]
+    with pytest.warns(UserWarning):
+        r, _ = evals.evaluate_task(Scripted(tok, WMT_OUTPUTS), tok, out, test_set, n=2)  # en-de and en-cs only
+    assert r["score"] == pytest.approx(50) and r["n en-de"] == r["n en-cs"] == 1 and "chrF en-zh" not in r
+
+
+def test_translation_scores_comet_through_unbabel_comets_calls(tmp_path, monkeypatch):
+    """unbabel-comet faked at its two calls (download_model, load_from_checkpoint) and its model's predict."""
+    calls, given = [], []
+
+    class Model:
+        def predict(self, samples, batch_size, gpus, progress_bar):
+            given.append(samples)
+            return types.SimpleNamespace(scores=[0.9, 0.1, 0.8, 0.7][:len(samples)], system_score=None)
+
+    def download_model(name):
+        calls.append(name)
+        return f"/models/{name}/checkpoints/model.ckpt"
+
+    fake = types.SimpleNamespace(download_model=download_model, load_from_checkpoint=lambda path: Model())
+    monkeypatch.setitem(sys.modules, "comet", fake)
+    monkeypatch.setattr(metrics, "_comet_models", {})
+    m, out = prepare(wmt, tmp_path, "tiny", WMT_TRAIN, WMT_TEST)
+    test_set, tok = common.load_sft(out / "test.npz"), hf.ByteTokenizer()
+    r, _ = evals.evaluate_task(Scripted(tok, WMT_OUTPUTS), tok, out, test_set)
+    # en-de (0.9 + 0.7) / 2 = 0.8, en-cs 0.1, en-zh 0.8: mean 1.7 / 3
+    assert (r["metric"], r["score"]) == ("COMET (Unbabel/wmt22-comet-da)", pytest.approx(1.7 / 3))
+    assert (r["COMET en-de"], r["COMET en-cs"], r["COMET en-zh"]) == (pytest.approx(0.8), 0.1, 0.8)
+    assert r["chrF"] == pytest.approx(200 / 3) and "COMET_error" not in r
+    rows = metrics.load_jsonl(out / "test_translations.jsonl")
+    assert given == [[{"src": row["src"], "mt": row["ref"] if k != 1 else "xyz", "ref": row["ref"]}
+                      for k, row in enumerate(rows)]]
+    evals.evaluate_task(Scripted(tok, WMT_OUTPUTS), tok, out, test_set)
+    assert calls == ["Unbabel/wmt22-comet-da"] and len(given) == 2  # loaded once, used twice
+
+    def offline(name):  # what unbabel-comet raises when it cannot reach the hub
+        calls.append(name)
+        raise KeyError(f"Model '{name}' not supported by COMET.")
+
+    monkeypatch.setattr(metrics, "_comet_models", {})
+    monkeypatch.setitem(sys.modules, "comet", types.SimpleNamespace(download_model=offline, load_from_checkpoint=None))
+    with pytest.warns(UserWarning, match=r"no COMET score \(COMET's model Unbabel/wmt22-comet-da could not be loaded "
+                                         r"\(KeyError: .*not supported by COMET.*needs the network\); the headline is chrF"):
+        r, _ = evals.evaluate_task(Scripted(tok, WMT_OUTPUTS), tok, out, test_set)
+    assert (r["metric"], r["score"], "COMET" in r) == ("chrF", pytest.approx(200 / 3), False)
+    with pytest.warns(UserWarning):
+        evals.evaluate_task(Scripted(tok, WMT_OUTPUTS), tok, out, test_set)
+    assert calls == ["Unbabel/wmt22-comet-da"] * 2  # the failure is kept, not retried at every evaluation
 
 
 def test_tulu_conversations_and_ifeval_prompts(tmp_path):
@@ -721,24 +831,6 @@ def test_manifest_records_the_command_that_made_it(tmp_path):
                f"--out {out} --val_size 1 --max_len 64")
     assert m["made_by"] == command and common.maker(out / "train.npz") == command
     assert m["source"].startswith("tasks/gsm8k.py: train ")
-
-
-# --- held-out loss (WMT, the Tulu mix)
-
-
-def test_translation_headline_is_the_held_out_loss(tmp_path):
-    rows = [{"translation": {"en": "Hello.", "de": "Hallo."}}, {"translation": {"cs": "Ahoj.", "en": "Hi."}},
-            {"translation": {"zh": "你好。", "en": "Hello, friend."}}]
-    m, out = prepare(wmt, tmp_path, "tiny", rows, rows)
-    model, test_set = tiny_model(3), common.load_sft(out / "test.npz")
-    total = count = 0
-    for i in range(2):  # n=2: the first two test samples, each answer token's -log p written plainly
-        prompt, answer = evals.split_sample(*test_set[i])
-        total -= brute_force(model, prompt, answer)
-        count += len(answer)
-    r, shown = evals.evaluate_task(model, hf.ByteTokenizer(), out, test_set, n=2)
-    assert r == {"metric": "test_loss", "score": pytest.approx(total / count, abs=1e-5), "higher_is_better": False}
-    assert shown == [] and 4 < r["score"] < 8  # near log(258) = 5.55 for a random model: a real loss, not nan
 
 
 # --- IFEval responses from a checkpoint (and adapter) on disk
