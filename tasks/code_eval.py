@@ -22,8 +22,8 @@ Evaluate models you do not trust inside a throwaway container or VM.
   local HumanEval.jsonl(.gz) (github.com/openai/human-eval): {task_id, prompt, canonical_solution,
   test, entry_point}.
 - A program is prompt + completion + test + `check(entry_point)`, as human-eval builds it, then a
-  line that prints a random token: a program passes if it exits with 0 AND printed that token last,
-  so that one ending early with sys.exit(0) fails, as it does in human-eval (where SystemExit is an
+  line that writes a random token: a program passes if it exits with 0 AND wrote that token, so
+  that one ending early with sys.exit(0) fails, as it does in human-eval (where SystemExit is an
   error). Chat models tend to answer with the whole function, often in a ```python block: the
   block is unwrapped, and a completion that defines `entry_point` at the top level follows the
   prompt (whose stub, a function with only a docstring, it then replaces) instead of continuing it.
@@ -151,12 +151,12 @@ def _no_network_prefix() -> tuple[str, ...]:
 def run(source: str, timeout: float = 10.0, memory_mb: int = 2048) -> str:
     """Run one program: 'passed' (it ran to its end and exited with 0), 'timed out', or 'failed: <the
     last line of its stderr>'."""
-    token = secrets.token_hex(16)  # printed by the program's last line: reaching the end is passing
+    token = secrets.token_hex(16)  # written by the program's last line (past any print or sys.stdout it redefines)
     with tempfile.TemporaryDirectory(prefix="drlora-code-eval-") as tmp:
         path = os.path.join(tmp, "program.py")
         with open(path, "w") as f:
             f.write(PROLOGUE.format(memory=memory_mb << 20, cpu=int(timeout) + 1) + GUARD + source
-                    + f"\nprint('\\n{token}')\n")
+                    + f"\n__import__('sys').__stdout__.flush(); __import__('os').write(1, b'\\n{token}\\n')\n")
         # output goes to files, which RLIMIT_FSIZE caps, not to pipes held in this process's memory
         with open(os.path.join(tmp, "stdout"), "wb+") as out, open(os.path.join(tmp, "stderr"), "wb+") as err:
             proc = subprocess.Popen([*_no_network_prefix(), sys.executable, "-I", "-S", "-B", path], cwd=tmp,
@@ -169,7 +169,7 @@ def run(source: str, timeout: float = 10.0, memory_mb: int = 2048) -> str:
                 proc.wait()
                 return "timed out"
             printed, errors = _tail(out), _tail(err)
-    if proc.returncode == 0 and printed.splitlines()[-1:] == [token]:
+    if proc.returncode == 0 and token in printed.splitlines():
         return "passed"
     last = errors.strip().splitlines()[-1:]
     if last:

@@ -52,7 +52,7 @@ class Task:
     prompts_only_test: bool = False  # test rows are prompts without answers (IFEval): test.npz is held out from train
     add_args: Callable | None = None  # (parser) -> None: the task's own flags
     finish: Callable | None = None  # (train, test, args, report): steps that need every row (LEDGAR's label set)
-    record: tuple[str, ...] = ()  # the task's own flags that its metric reads, kept in manifest.json (--shots)
+    record: tuple[str, ...] = ()  # the task's own flags kept in manifest.json (the metric reads --shots there)
     unused: str = ""  # which good rows a row function leaves out (returns None for), for messages
 
 
