@@ -10,7 +10,8 @@ instruction_id_list, kwargs} go to test_prompts.jsonl with their prompt ids. Met
 (tasks/metrics.py): greedy responses to those prompts, checked by lm-eval's ifeval task code (pip install
 "lm-eval[ifeval]"); headline "prompt-level strict accuracy". test.npz is a second held-out slice of the
 mix, whose loss is reported beside it ("test_loss"); --metric test_loss makes that the headline, for
-machines without lm-eval. lm-eval generates up to 1280 tokens: train.py --max_new_tokens 1280 does too. tasks/ifeval_responses.py writes the responses of a saved adapter to a file.
+machines without lm-eval. lm-eval generates up to 1280 tokens: train.py --max_new_tokens 1280 does too.
+tasks/ifeval_responses.py writes the responses of a saved adapter to a file.
 """
 import sys
 from pathlib import Path
