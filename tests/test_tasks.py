@@ -571,7 +571,8 @@ GSM8K_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("output, reference, strict, flexible, ours, why", GSM8K_TABLE)
+@pytest.mark.parametrize("output, reference, strict, flexible, ours, why", GSM8K_TABLE,
+                         ids=[f"row{i}" for i in range(len(GSM8K_TABLE))])
 def test_gsm8k_answer_filters_agree_with_lm_eval(output, reference, strict, flexible, ours, why):
     assert metrics.gsm8k_verdicts(output, Fraction(reference)) == (ours or (strict, flexible))
 
@@ -922,12 +923,18 @@ def test_ifeval_without_its_scorer_or_its_data_says_what_to_do(tmp_path, monkeyp
 
 def test_tulu_held_out_loss_metric(tmp_path):
     """--metric test_loss: the held-out slice of the mix, each answer token's -log p written plainly."""
-    out, test_set, _ = ifeval_task(tmp_path, ("--metric", "test_loss"))
-    model = tiny_model(3)
-    prompt, answer = evals.split_sample(*test_set[0])
-    expected = -brute_force(model, prompt, answer) / len(answer)
-    r, shown = evals.evaluate_task(model, hf.ByteTokenizer(), out, test_set, n=1)
-    assert r == {"metric": "test_loss", "score": pytest.approx(expected, abs=1e-5), "higher_is_better": False}
+    convs = [{"messages": [{"role": "user", "content": f"U{i}"}, {"role": "assistant", "content": f"A{i} " * i}]}
+             for i in range(1, 11)]
+    m, out = prepare(tulu, tmp_path, "tiny", convs, [IFEVAL_CASES[0][0]], "--val_size", "3", "--metric", "test_loss")
+    test_set, model = common.load_sft(out / "test.npz"), tiny_model(3)
+    assert len(test_set) == 3
+    total = count = 0
+    for i in range(2):  # n=2: the first two of the three
+        prompt, answer = evals.split_sample(*test_set[i])
+        total -= brute_force(model, prompt, answer)
+        count += len(answer)
+    r, shown = evals.evaluate_task(model, hf.ByteTokenizer(), out, test_set, n=2)
+    assert r == {"metric": "test_loss", "score": pytest.approx(total / count, abs=1e-5), "higher_is_better": False}
     assert shown == [] and 4 < r["score"] < 8  # near log(258) = 5.55 for a random model: a real loss, not nan
 
 
