@@ -1,7 +1,8 @@
 """IFEval responses: greedy answers of a base model (and optionally its DR-LoRA adapter) to the IFEval
 prompts that tasks/tulu.py wrote to data/tulu/test_prompts.jsonl, saved as the {prompt, response}
 JSON lines that IFEval's own scorer reads (google-research/instruction_following_eval, its
---input_response_data). Scoring is left to that scorer.
+--input_response_data), then scored by lm-eval's ifeval checks where lm-eval is installed
+(tasks/metrics.py's ifeval_scores, as train.py scores the task).
 
     python tasks/tulu.py --model olmoe                                   # makes data/tulu/
     python tasks/ifeval_responses.py --model olmoe --adapter out/adapter.safetensors --out responses.jsonl
@@ -71,7 +72,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     n = metrics.generate_responses(model, tokenizer, prompts, args.out, args.max_new_tokens, args.batch_size, autocast)
     print(f"{n} responses of {path}{' + ' + args.adapter if args.adapter else ''} -> {args.out} "
-          f"({time.time() - t0:.0f} s); score them with IFEval's scorer (--input_response_data {args.out})")
+          f"({time.time() - t0:.0f} s)")
+    try:
+        rows = metrics.load_jsonl(prompts, metrics.IFEVAL_KEYS)
+        scores, _ = metrics.ifeval_scores(rows, [r["response"] for r in metrics.load_jsonl(args.out)])
+        print("; ".join(f"{metrics.IFEVAL_SCORES[k]} {v:.4f}" for k, v in scores.items()))
+    except ImportError as e:
+        print(f"not scored: {e}")
     return n
 
 

@@ -37,7 +37,7 @@ def example(row: dict, args) -> dict:
     return {"text": text, "label_name": label}
 
 
-def finish(train: list[dict], test: list[dict], args):
+def finish(train: list[dict], test: list[dict], args, report: dict):
     """Build the questions once every label is known."""
     labels = args.label_names or sorted({ex["label_name"] for ex in train + test})
     if len(labels) < 4:

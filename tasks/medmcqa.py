@@ -45,7 +45,7 @@ def base_of(examples: list[dict], source: str, args) -> int | None:
     return 0 if cops[0] else 1 if cops[4] else None
 
 
-def finish(train: list[dict], test: list[dict], args):
+def finish(train: list[dict], test: list[dict], args, report: dict):
     rows = train + test
     sources = list(dict.fromkeys(ex["source"] for ex in rows))
     bases = {s: base_of(rows, s, args) for s in sources}

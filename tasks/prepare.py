@@ -11,12 +11,14 @@ Sources (--train / --test take one or more):
 - hf:REPO[:CONFIG]:SPLIT, read by the `datasets` library (optional; needs the network or its cache).
   A ClassLabel column also gets its names in '<column>_name'.
 Splits: val = a seeded slice of --val_size training rows, train = the rest (at most --max_train);
-test = the benchmark's rows in file order (at most --max_test), plus the files a metric needs next to
-test.npz (test_choices.jsonl, test_problems.jsonl, test_prompts.jsonl). The manifest names the metric,
-the module that computes it ("evaluator": tasks.metrics, imported by evals.evaluate_task) and the
-command that made the folder ("made_by", which error messages quote to say how to remake it).
+test = the benchmark's rows in file order (WMT interleaves its language pairs; at most --max_test), plus
+the files a metric needs next to test.npz (test_choices.jsonl, test_problems.jsonl,
+test_translations.jsonl, test_prompts.jsonl). The manifest names the metric, the module that computes
+it ("evaluator": tasks.metrics, imported by evals.evaluate_task) and the command that made the folder
+("made_by", which error messages quote to say how to remake it).
 A malformed row stops the script with its file and line; --skip_bad skips it, warns and counts it in
-the manifest. Samples longer than --max_len + 1 tokens are counted (train.py truncates them); samples
+the manifest. Good rows a task leaves out (WMT's other language pairs) are counted there too
+("not_used"). Samples longer than --max_len + 1 tokens are counted (train.py truncates them); samples
 whose prompt alone fills --max_len are dropped and counted (no answer token would be left to learn).
 """
 import argparse
@@ -43,12 +45,15 @@ class Task:
     name: str  # writes data/<name>/
     train: list[str]  # default training sources
     test: list[str] | Callable[[], list[str]]  # default test sources (a function: resolved when used)
-    train_example: Callable  # (row, args) -> {"messages": [...], ...}; raises ValueError on a bad row
+    train_example: Callable  # (row, args) -> {"messages": [...], ...}, None for a row not used; ValueError: bad
     test_example: Callable
-    metric: str  # what evals.evaluate_task computes: exact_match | multiple_choice | humaneval | test_loss
+    metric: str  # evals.evaluate_task computes it: gsm8k | multiple_choice | humaneval | translation | ifeval
+    # | test_loss (a task's own --metric flag, where it has one, chooses instead)
     prompts_only_test: bool = False  # test rows are prompts without answers (IFEval): test.npz is held out from train
     add_args: Callable | None = None  # (parser) -> None: the task's own flags
-    finish: Callable | None = None  # (train, test, args): steps that need every row (LEDGAR's label set)
+    finish: Callable | None = None  # (train, test, args, report): steps that need every row (LEDGAR's label set)
+    record: tuple[str, ...] = ()  # the task's own flags kept in manifest.json (the metric reads --shots there)
+    unused: str = ""  # which good rows a row function leaves out (returns None for), for messages
 
 
 # --- JSON lines, read by the prepare scripts of downloaded data sets
@@ -171,12 +176,13 @@ def _hub_rows(spec: str):
         yield f"{spec}, row {i}", row
 
 
-def read_examples(specs: list[str], convert: Callable, args, report: dict) -> list[dict]:
+def read_examples(specs: list[str], convert: Callable, args, report: dict, unused_rows: str = "") -> list[dict]:
     """Every row of every source through convert(row, args), with the source in 'source'; bad rows
-    raise, or are counted with --skip_bad. A source without a single row is an error."""
+    raise, or are counted with --skip_bad; rows convert leaves out (returns None for: unused_rows)
+    are counted. A source without a single row used is an error."""
     out = []
     for spec in specs:
-        good = bad = 0
+        good = bad = unused = 0
         for where, row in read_rows(spec):
             try:
                 if isinstance(row, Exception):
@@ -189,11 +195,18 @@ def read_examples(specs: list[str], convert: Callable, args, report: dict) -> li
                     raise ValueError(f"{where}: {e} (--skip_bad skips such rows)") from e
                 bad += 1
                 continue
+            if example is None:
+                unused += 1
+                continue
             out.append({**example, "source": spec})
             good += 1
-        if good + bad == 0:
+        if good + bad + unused == 0:
             raise ValueError(f"{spec} holds no rows")
+        if good + bad == 0:
+            raise ValueError(f"{spec}: none of its {unused} rows is used ({unused_rows} are left out)")
         report["rows"][spec] = good
+        if unused:
+            report["not_used"][spec] = unused
         if bad:
             report["skipped"][spec] = bad
             warnings.warn(f"{spec}: skipped {bad} malformed row(s)")
@@ -242,6 +255,9 @@ def write_test_extras(out: Path, fmt, test: list[dict], samples) -> dict:
     if test and "problem" in test[0]:  # HumanEval: what the program runner needs
         write_jsonl(out / "test_problems.jsonl", [ex["problem"] for ex in test])
         files["test_problems.jsonl"] = len(test)
+    if test and "translation" in test[0]:  # WMT: the language pair, source and reference, as COMET reads them
+        write_jsonl(out / "test_translations.jsonl", [ex["translation"] for ex in test])
+        files["test_translations.jsonl"] = len(test)
     return files
 
 
@@ -252,11 +268,12 @@ def prepare(task: Task, args, made_by: str | None = None) -> dict:
     tokenizer, fmt = chat_format.load_format(args.model, args.chat_template)
     test_specs = args.test or (task.test() if callable(task.test) else task.test)
     train_specs = args.train or task.train
-    report = {"rows": {}, "skipped": {}, "dropped_prompt_too_long": {}, "longer_than_max_len": {}}
-    train = read_examples(train_specs, task.train_example, args, report)
-    test = read_examples(test_specs, task.test_example, args, report)
+    report = {"rows": {}, "skipped": {}, "not_used": {}, "dropped_prompt_too_long": {},
+              "longer_than_max_len": {}}
+    train = read_examples(train_specs, task.train_example, args, report, task.unused)
+    test = read_examples(test_specs, task.test_example, args, report, task.unused)
     if task.finish:
-        train, test = task.finish(train, test, args)
+        train, test = task.finish(train, test, args, report)
     random.Random(args.seed).shuffle(train)
     held = 2 * args.val_size if task.prompts_only_test else args.val_size
     if len(train) <= held:
@@ -276,13 +293,14 @@ def prepare(task: Task, args, made_by: str | None = None) -> dict:
                          source=source, seed=args.seed)
         if split == "test" and not task.prompts_only_test:
             files = write_test_extras(out, fmt, kept, samples)
-    if task.prompts_only_test:  # IFEval: prompts for generation, scored elsewhere
+    if task.prompts_only_test:  # IFEval: prompts for generation, with what their checks need
         write_jsonl(out / "test_prompts.jsonl", [{**ex["extra"], "prompt": ex["messages"][-1]["content"],
                                                   "prompt_ids": fmt.encode_prompt(ex["messages"])} for ex in prompts])
         files["test_prompts.jsonl"] = len(prompts)
     manifest = common.read_manifest(out)
-    manifest.update(task=task.name, metric=task.metric, evaluator=EVALUATOR, format=fmt.name, model=args.model,
-                    max_len=args.max_len, val_size=args.val_size, files=files, made_by=made_by, **report)
+    manifest.update(task=task.name, metric=getattr(args, "metric", task.metric), evaluator=EVALUATOR,
+                    format=fmt.name, model=args.model, max_len=args.max_len, val_size=args.val_size, files=files,
+                    made_by=made_by, **report, **{k: getattr(args, k) for k in task.record})
     write.write_manifest(out, manifest)
     return manifest
 
