@@ -22,8 +22,20 @@ from moe import MoEConfig, MoETransformer
 # config.json <-> MoEConfig: each family's settings
 
 
+class Fields(dict):
+    """config.json's fields: one the family needs and the file lacks is an error naming the file, field and family."""
+
+    def __init__(self, d: dict, source: str):
+        super().__init__(d)
+        self.source = source
+
+    def __missing__(self, key):
+        raise ValueError(f"{self.source} has no {key!r}, which model_type {self.get('model_type')!r} needs")
+
+
 def config_from_hf(d: dict, source: str = "config.json") -> MoEConfig:
     """Read a transformers config.json (both the 4.x and 5.x spellings)."""
+    d = Fields(d, source)
     mt = d.get("model_type")
     if mt not in ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "llama_moe"):
         raise ValueError(f"{source}: unknown model_type {mt!r}; moe.py supports olmoe, qwen2_moe, qwen3_moe, mixtral, "
@@ -38,7 +50,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> MoEConfig:
              rope_theta=float(theta), rms_eps=d.get("rms_norm_eps", 1e-5),
              max_seq_len=d.get("max_position_embeddings", 4096), tie_embeddings=d.get("tie_word_embeddings", False),
              pad_id=d.get("pad_token_id"), eos_id=d.get("eos_token_id"), tokenizer=d.get("drlora_tokenizer", "hf"),
-             hf=d)
+             hf=dict(d))
     if isinstance(c["eos_id"], list):
         c["eos_id"] = c["eos_id"][0]
     if mt == "olmoe":
@@ -362,7 +374,7 @@ def find_checkpoint(name: str, download: bool = True, weights: bool = True) -> s
     if os.path.isdir(name):
         return name
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/"):  # a path, not "owner/name"
-        raise FileNotFoundError(f"--model {name}: no such checkpoint folder")
+        raise FileNotFoundError(f"no such checkpoint folder: {name}")
     repo = KNOWN_MODELS.get(name, name)
     if "/" not in repo:
         raise ValueError(f"unknown model {name!r}: give a checkpoint folder, a Hugging Face repo id, "

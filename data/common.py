@@ -101,6 +101,8 @@ def task_folder(task: str, make: bool = False) -> Path:
     """The folder of a task's token files: a folder, or data/<task>/. With make, an embedded task (byte
     tokens, for the tiny model) is generated there on first use."""
     folder = Path(task) if Path(task).is_dir() else DATA_DIR / task
+    if not folder.is_dir() and (task.startswith((".", "/", "~")) or "/" in task):  # a path, not a task's name
+        raise FileNotFoundError(f"--task {task}: no such folder; a task folder is made by {maker(folder / 'x')}")
     if make and task in EMBEDDED and not (folder / "test.npz").exists():
         importlib.import_module(f"data.{task}").prepare(out_dir=folder)
     return folder

@@ -264,7 +264,10 @@ def write_test_extras(out: Path, fmt, test: list[dict], samples) -> dict:
 def prepare(task: Task, args, made_by: str | None = None) -> dict:
     """Write args.out's SFT files and manifest.json; made_by: the command line, recorded there."""
     if args.val_size < 1:
-        raise ValueError("--val_size must be at least 1: train.py reads val.npz")
+        raise ValueError(f"--val_size must be at least 1 (train.py reads val.npz), got {args.val_size}")
+    for name, low in (("max_train", 0), ("max_test", 0), ("max_len", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name} must be at least {low}, got {getattr(args, name)}")
     tokenizer, fmt = chat_format.load_format(args.model, args.chat_template)
     test_specs = args.test or (task.test() if callable(task.test) else task.test)
     train_specs = args.train or task.train
