@@ -1,29 +1,26 @@
 """
-DR-LoRA on an MoE that no single GPU holds: PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard) shards it
-over the processes of a torchrun; this module decides what to shard, fills each process's shards from the
-checkpoint files, and gathers what files need. drlora.train_step runs on the sharded model unchanged.
+DR-LoRA on an MoE that no single GPU holds, sharded by PyTorch's FSDP2 (fully_shard) over the processes of
+a torchrun. This module decides what to shard, fills each process's shards from the checkpoint files and
+gathers what files need; drlora.train_step runs on the sharded model unchanged.
 
-    mesh = init_device_mesh("cuda", (world,))
-    model, drl = fsdp.from_pretrained(path, mesh, lora_cfg, total_steps, seed, dtype=torch.bfloat16)
-    optimizer = torch.optim.AdamW(drl.trainable_parameters(), ...)    # after sharding: it holds shards
-    loss, event = drlora.train_step(model, drl, optimizer, micro_batches, t)
-    trainable, optim_state = fsdp.gather(model, optimizer)            # process 0: ckpt.pt as one process writes
-    fsdp.save_adapter(model, drl, trainable, "adapter.safetensors")
+    model, drl = fsdp.from_pretrained(path, init_device_mesh("cuda", (world,)), lora_cfg, steps, seed, dtype)
+    optimizer = torch.optim.AdamW(drl.trainable_parameters(), ...)  # after sharding: it holds the shards
+    trainable, optim_state = fsdp.gather(model, optimizer)          # ckpt.pt's, on process 0
 
-- Units: one per transformer block (attention, router, experts and their LoRA together), then the root
-  (embedding, final norm, head). Every tensor is split on dim 0, so a process holds whole experts, E / world
-  of them in each layer (FSDP pads an uneven split: 6 experts on 4 processes are 2, 2, 2, 0). Frozen bf16
-  weights and fp32 trainables share a unit: FSDP2 all-gathers mixed dtypes as bytes, and asks only that a
-  unit's trainable tensors share one dtype (LoRA and router are fp32).
-- Loading: the model is built on the meta device and sharded there; each process then allocates its shards
-  and reads only their rows from the files (safetensors get_slice), through hf.read_weights, as strict as
-  hf.from_pretrained and with the same message on every process (its checks read the files' headers alone).
-  DRLoRA creates its adapters in full beside the experts, drawn as on one process after the same seed;
-  fully_shard keeps this process's rows of them.
-- Statistics: f is all-reduced, as with DDP; g's per-slot sums come from sharded gradients, one row per
-  expert a process holds, and drlora's update_statistics gathers the E rows, so every process decides alike.
-- Files: gather() returns full CPU tensors on process 0 in a one-process run's layout (trainable tensors by
-  name, optimizer.state_dict()'s positional layout), so one ckpt.pt serves any process count, FSDP or not.
+- Units: each block (attention, router, experts and their LoRA), then the root (embedding, norm, head).
+  Every tensor splits on dim 0, so a process holds whole experts (FSDP pads an uneven split: 6 experts on 4
+  processes are 2, 2, 2, 0). FSDP2 gathers a unit's mixed dtypes as bytes and asks only that its trainable
+  tensors share one dtype: they do (LoRA and router are fp32 over a bf16 base).
+- Loading: built and sharded on the meta device; each process allocates its shards and reads only their rows
+  (safetensors get_slice) through hf.read_weights, whose strict checks read the files' headers alone and so
+  fail alike everywhere. The adapters are drawn in full, as on one process.
+- Statistics: f is all-reduced as with DDP; g's per-slot sums come from sharded gradients, a row per expert
+  held, and update_statistics gathers all E rows: every process decides alike. Ranks, f and g are plain
+  tensors, the same everywhere (expert_importance and set_ranks work as they are).
+- Files: gather() gives process 0 full tensors in a one-process run's layout (trainables by name, positions
+  of optimizer.state_dict()): one ckpt.pt for any process count, FSDP or not. Not on a sharded model:
+  drlora.save_adapter (it fails: base_identity reads no DTensor; use save_adapter here) and drlora.merge (it
+  changes nothing: W[e] of a DTensor is a gathered copy); merge from the adapter, as tools/export.py does.
 """
 import dataclasses
 import math
@@ -44,23 +41,21 @@ import moe
 
 
 def shard(model: moe.MoETransformer, mesh):
-    """fully_shard each block, then the root (FSDP2 wants the inner units first)."""
-    for block in model.layers:
+    for block in model.layers:  # the inner units first
         fully_shard(block, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
 
 def from_pretrained(path: str, mesh, lora: drlora.DRLoRAConfig, total_steps: int, seed: int,
                     dtype=torch.float32):
-    """A checkpoint folder, sharded over mesh, with DR-LoRA attached: (model, drl). LoRA starts as
-    torch.manual_seed(seed) + drlora.DRLoRA start it on one process."""
+    """(model sharded over mesh, drl): a checkpoint folder with DR-LoRA attached, its adapters those that
+    torch.manual_seed(seed) then drlora.DRLoRA draw on one process."""
     cfg = hf.read_config(path)
-    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else \
-        torch.device(mesh.device_type)
+    device = torch.device(mesh.device_type, torch.cuda.current_device() if mesh.device_type == "cuda" else None)
     with torch.device("meta"):
         model = moe.MoETransformer(cfg).to(dtype)
-    # DRLoRA creates adapters and statistics on the experts' device, so it must see a real one: one-element
-    # stand-ins (stride 0) serve while it runs; then back to meta, which fully_shard accepts and they are not
+    # DRLoRA makes adapters and statistics on the experts' device, so it must see a real one: one-element
+    # stand-ins (stride 0) serve while it runs, then back to meta, which fully_shard accepts and they are not
     model._apply(lambda t: torch.empty((), dtype=t.dtype, device=device).expand(t.shape))
     torch.manual_seed(seed)
     drl = drlora.DRLoRA(model, lora, total_steps)
@@ -74,7 +69,7 @@ def from_pretrained(path: str, mesh, lora: drlora.DRLoRAConfig, total_steps: int
 
 
 def rows(t) -> tuple[int, int]:
-    """The rows [a, b) of dim 0 this process holds of t: FSDP2 splits as torch.chunk does."""
+    """The rows [a, b) of t's dim 0 this process holds: FSDP2 splits as torch.chunk does."""
     if not isinstance(t, DTensor):  # a buffer: not sharded
         return 0, len(t)
     assert t.placements == (Shard(0),), t.placements
@@ -86,13 +81,12 @@ def rows(t) -> tuple[int, int]:
 
 
 def load_shards(model: moe.MoETransformer, path: str) -> int:
-    """Fill this process's rows of every base tensor from the checkpoint, reading no others.
-    Returns the bytes read."""
+    """Fill this process's rows of every base tensor from the checkpoint, reading no others; the bytes read."""
     params = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if ".lora." not in n}
     read = 0
 
     @torch.no_grad()
-    def copy(name, e, cols, handle):
+    def copy(name, e, cols, handle):  # hf.read_weights' callback: tensor `name`, or its expert e
         nonlocal read
         t = params[name]
         (a, b), local = rows(t), t.to_local() if isinstance(t, DTensor) else t
@@ -102,7 +96,7 @@ def load_shards(model: moe.MoETransformer, path: str) -> int:
         elif e is not None and a <= e < b:
             src = handle[:]
             local[e - a].copy_(src)
-        else:  # rows this process does not hold
+        else:
             return
         read += src.numel() * src.element_size()
 
@@ -111,85 +105,81 @@ def load_shards(model: moe.MoETransformer, path: str) -> int:
 
 
 # -----------------------------------------------------------------------------
-# files: gathered to process 0 in a one-process run's layout, and put back for any process count
-
+# files: gathered to process 0 in a one-process run's layout, put back on any process count
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _names(model, optimizer) -> list[str]:
-    """The optimizer's parameters by name, in its order (the positions of optimizer.state_dict())."""
+    """The optimizer's parameters by name, in the positions of optimizer.state_dict()."""
     name = {id(p): n for n, p in model.named_parameters()}
     return [name[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def gather(model, optimizer) -> tuple[dict, dict]:
-    """(trainable tensors by name, optimizer.state_dict() layout), full, on the CPU of process 0; ({}, {})
-    elsewhere. Every process must call it: it all-gathers the trainables and their AdamW moments only."""
+    """(trainables by name, optimizer.state_dict()), full, on process 0's CPU; ({}, {}) elsewhere. Every
+    process calls it; only the trainables and their AdamW moments are gathered."""
     names = _names(model, optimizer)
     sd = get_model_state_dict(model, options=dataclasses.replace(FULL, ignore_frozen_params=True))
     osd = get_optimizer_state_dict(model, optimizer, options=FULL)
     if dist.get_rank() != 0:
         return {}, {}
     at = {n: i for i, n in enumerate(names)}
-    return {n: sd[n] for n in names}, {"state": {at[n]: s for n, s in osd["state"].items()},
-                                       "param_groups": [{**g, "params": [at[n] for n in g["params"]]}
-                                                        for g in osd["param_groups"]]}
+    return {n: sd[n] for n in names}, {"state": {at[n]: s for n, s in osd["state"].items()}, "param_groups": [
+        {**g, "params": [at[n] for n in g["params"]]} for g in osd["param_groups"]]}
 
 
 def load(model, optimizer, trainable: dict, optim_state: dict):
-    """Put back what gather() (or a one-process run) saved: every process passes the full tensors and keeps
-    its rows."""
+    """Put back what gather() or a one-process run saved: every process passes it whole and keeps its rows."""
     names = _names(model, optimizer)
     if sorted(trainable) != sorted(names):
-        raise ValueError(f"checkpoint's trainable tensors differ from the model's: {sorted(set(trainable) ^ set(names))}")
+        raise ValueError(f"the checkpoint's trainables are not the model's: {set(trainable) ^ set(names)}")
     set_model_state_dict(model, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
-    osd = {"state": {names[i]: s for i, s in optim_state["state"].items()},
-           "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
+    osd = {"state": {names[i]: s for i, s in optim_state["state"].items()}, "param_groups": [
+        {**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False))
-    # set_optimizer_state_dict first gives every parameter a state (a step at lr 0): one without a state in the
-    # file (the router, frozen until the warm-up ends) must have none, or its first update would be Adam's second
+    # set_optimizer_state_dict first gives every parameter a state (a step at lr 0): one without a state in
+    # the file (the router, frozen until the warm-up ends) must have none, or its first update is Adam's second
     for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
         if i not in optim_state["state"]:
             optimizer.state.pop(p, None)
 
 
 def save_adapter(model, drl: drlora.DRLoRA, trainable: dict, path: str):
-    """drlora.save_adapter's file, written by process 0 from gather()'s tensors (the others return)."""
+    """drlora.save_adapter's file from gather()'s tensors, written by process 0 (the others return)."""
     if dist.get_rank() != 0:
         return
-    ns = types.SimpleNamespace
+    ns, targets = types.SimpleNamespace, drl.cfg.targets
     prefixes = [n for n, m in model.named_modules() if isinstance(m, moe.MoE)]
     layers = [ns(experts=ns(lora=ns(ranks=blk.experts.lora.ranks, r=blk.experts.lora.r,
-                                    A={p: trainable[f"{pre}.experts.lora.A.{p}"] for p in drl.cfg.targets},
-                                    B={p: trainable[f"{pre}.experts.lora.B.{p}"] for p in drl.cfg.targets})),
+                                    A={p: trainable[f"{pre}.experts.lora.A.{p}"] for p in targets},
+                                    B={p: trainable[f"{pre}.experts.lora.B.{p}"] for p in targets})),
                  gate=ns(state_dict=lambda pre=pre, blk=blk: {n: trainable[f"{pre}.gate.{n}"]
                                                               for n, _ in blk.gate.named_parameters()}))
               for pre, blk in zip(prefixes, drl.blocks)]
     embed = model.embed_tokens.weight.to_local()  # base_identity reads rows 0..7: process 0 holds them
     assert len(embed) >= 8
-    drlora.save_adapter(ns(cfg=model.cfg, moe_layers=lambda: layers, embed_tokens=ns(weight=embed)), path, drl.cfg)
+    view = ns(cfg=model.cfg, moe_layers=lambda: layers, embed_tokens=ns(weight=embed))  # what it reads
+    drlora.save_adapter(view, path, drl.cfg)
 
 
 @torch.no_grad()
 def check_replicas(drl: drlora.DRLoRA):
-    """At the end of a run: every process holds the same ranks (buffer and python mirror), f, g and gathered
-    adapter (a checksum of its active slots and the router). Raises if not; every process must call it."""
+    """End of a run, on every process: raises unless all hold the same ranks (buffer and python mirror), f,
+    g and gathered adapter (a checksum of the active slots and the router)."""
     total = torch.zeros((), dtype=torch.float64, device=drl.f.device)
-    for blk in drl.blocks:
-        lora = blk.experts.lora
-        for p in drl.cfg.targets:
-            A, B = lora.A[p].full_tensor(), lora.B[p].full_tensor()
+    for lora in (blk.experts.lora for blk in drl.blocks):
+        for A, B in ((lora.A[p].full_tensor(), lora.B[p].full_tensor()) for p in drl.cfg.targets):
             total += sum(A[e, :r].double().sum() + B[e, :, :r].double().sum() for e, r in enumerate(lora.r))
-    for p in drl.router_parameters():
-        total += p.full_tensor().double().sum()
+    total += sum(p.full_tensor().double().sum() for p in drl.router_parameters())
     mirror = torch.tensor([blk.experts.lora.r for blk in drl.blocks], device=drl.f.device)
     check = torch.cat([total.view(1), drl.ranks.flatten().double(), mirror.flatten().double(),
                        drl.f.flatten().double(), *(g.flatten().double() for g in drl.g.values())])
     every = [torch.zeros_like(check) for _ in range(dist.get_world_size())]
     dist.all_gather(every, check)
     if not all(torch.equal(c, check) for c in every):
-        raise RuntimeError(f"processes disagree after training (checksum, ranks, ...): {[c[:8].tolist() for c in every]}")
+        raise RuntimeError(f"processes disagree after training (checksum, ranks, ...): "
+                           f"{[c[:8].tolist() for c in every]}")
 
 
 # -----------------------------------------------------------------------------
@@ -197,69 +187,64 @@ def check_replicas(drl: drlora.DRLoRA):
 
 
 def memory(cfg: moe.MoEConfig, lora: drlora.DRLoRAConfig, world: int, dtype=torch.bfloat16) -> dict:
-    """Bytes per process: the shards of the base, of the trainables (LoRA and router, fp32), of their gradients
-    and AdamW's two moments; the root's gathered tensors (kept from forward to backward) and the largest
-    block's (FSDP prefetches the next block: two at a time); the adapters DRLoRA creates in full at load.
-    Activations are not counted: they depend on the batch, and gradient checkpointing keeps one block's."""
+    """Bytes per process: the shards of the base, of the trainables (fp32 LoRA and router), of their gradients
+    and of AdamW's two moments; the root's tensors gathered (so from forward to backward) and the largest
+    block's (FSDP prefetches the next: two at once); the trainables in full (drawn so at load; micro-batches
+    accumulated without sync hold their gradients so). Activations are left out: they depend on the batch."""
     with torch.device("meta"):
         model = moe.MoETransformer(cfg)
-    fp32 = 4
 
     def tensors(unit):  # (shape, bytes per element, trainable)
         for n, p in unit.named_parameters():
-            router = n.startswith("mlp.gate.")  # a block's router: fp32 under DRLoRA
-            yield p.shape, fp32 if router else dtype.itemsize, router and not lora.freeze_router
-        if isinstance(unit, moe.Block) and unit.is_moe:
-            for p in lora.targets:
-                E, d_out, d_in = getattr(unit.mlp.experts, p).shape
-                yield (E, lora.r_max, d_in), fp32, True
-                yield (E, d_out, lora.r_max), fp32, True
+            router = n.startswith("mlp.gate.") and not lora.freeze_router  # fp32 under DRLoRA
+            if unit is not model or not n.startswith("layers."):
+                yield p.shape, 4 if router else dtype.itemsize, router
+        for p in lora.targets if getattr(unit, "is_moe", False) else ():
+            E, d_out, d_in = getattr(unit.mlp.experts, p).shape
+            yield from (((E, lora.r_max, d_in), 4, True), ((E, d_out, lora.r_max), 4, True))
 
-    out = dict(base=0, trainable=0, root_gathered=0, block_gathered=0, adapters_at_load=0)
-    root = types.SimpleNamespace(named_parameters=lambda: ((n, p) for n, p in model.named_parameters()
-                                                           if not n.startswith("layers.")))
-    for unit in [root, *model.layers]:
+    out = dict(base=0, trainable=0, root_gathered=0, block_gathered=0, trainable_full=0)
+    for unit in [model, *model.layers]:
         full = 0
         for shape, size, trainable in tensors(unit):
             out["trainable" if trainable else "base"] += -(-shape[0] // world) * math.prod(shape[1:]) * size
+            out["trainable_full"] += math.prod(shape) * size if trainable else 0
             full += math.prod(shape) * size
-            out["adapters_at_load"] += math.prod(shape) * size if trainable and len(shape) == 3 else 0
-        key = "root_gathered" if unit is root else "block_gathered"
+        key = "root_gathered" if unit is model else "block_gathered"
         out[key] = max(out[key], full)
     out["grads"], out["adamw"] = out["trainable"], 2 * out["trainable"]
-    out["total"] = sum(out[k] for k in ("base", "trainable", "grads", "adamw", "root_gathered")) + \
-        2 * out["block_gathered"]
+    parts = ("base", "trainable", "grads", "adamw", "root_gathered", "block_gathered", "block_gathered")
+    out["total"] = sum(out[k] for k in parts)
     return out
 
 
 PLAN = {  # the published config.json's shapes
-    "Qwen3-30B-A3B": moe.MoEConfig(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, n_layer=48, n_head=32,
-                                   n_kv_head=4, head_dim=128, n_experts=128, top_k=8, intermediate_size=768,
-                                   norm_topk_prob=True, qk_norm="head"),
-    "Mixtral-8x7B": moe.MoEConfig(model_type="mixtral", vocab_size=32000, hidden_size=4096, n_layer=32, n_head=32,
-                                  n_kv_head=8, n_experts=8, top_k=2, intermediate_size=14336, norm_topk_prob=True,
-                                  qk_norm="none"),
+    "Qwen3-30B-A3B": moe.MoEConfig(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, n_layer=48,
+                                   n_head=32, n_kv_head=4, head_dim=128, n_experts=128, top_k=8,
+                                   intermediate_size=768, norm_topk_prob=True, qk_norm="head"),
+    "Mixtral-8x7B": moe.MoEConfig(model_type="mixtral", vocab_size=32000, hidden_size=4096, n_layer=32,
+                                  n_head=32, n_kv_head=8, n_experts=8, top_k=2, intermediate_size=14336,
+                                  norm_topk_prob=True, qk_norm="none"),
 }
 
 
 def plan(worlds=(2, 4, 8), gpu_gib: float = 80) -> str:
-    """memory() as a markdown table for PLAN's models, bf16 base, DR-LoRA at the paper's settings."""
-    lora, gib = drlora.DRLoRAConfig(), 2**30
-    cols = ["base", "trainable", "grads", "adamw", "root_gathered", "block_gathered", "total"]
-    lines = [f"Per process, GiB, worked out from shapes and dtypes (fsdp.memory), not measured: bf16 base, fp32 "
-             f"LoRA (r_max {lora.r_max}, {' + '.join(lora.targets)}, every expert) and router, AdamW. total = "
-             f"base + trainable + grads + adamw + root + 2 blocks gathered; activations not counted.\n",
-             "| model | GPUs | " + " | ".join(cols) + f" | left of {gpu_gib:g} GiB | adapters at load |",
-             "|---|---:|" + "---:|" * (len(cols) + 2)]
+    """memory() for PLAN's models, bf16, DR-LoRA at the paper's settings, as a markdown table in GiB."""
+    lora = drlora.DRLoRAConfig()
+    cols = ["base", "trainable", "grads", "adamw", "root_gathered", "block_gathered", "total", "trainable_full"]
+    lines = [f"Per process, GiB, worked out by fsdp.memory, not measured: bf16 base; fp32 router and LoRA on "
+             f"{' + '.join(lora.targets)} of every expert at r_max {lora.r_max}; AdamW. total = base + "
+             f"trainable + grads + adamw + root + 2 blocks gathered, without activations.\n",
+             "| model | GPUs | " + " | ".join(cols) + f" | {gpu_gib:g} less total |", "|---|" + "---:|" * 10]
     for name, cfg in PLAN.items():
         for w in worlds:
-            m = memory(cfg, lora, w)
-            lines.append(f"| {name} | {w} | " + " | ".join(f"{m[c] / gib:.2f}" for c in cols) +
-                         f" | {gpu_gib - m['total'] / gib:.1f} | {m['adapters_at_load'] / gib:.2f} |")
+            m = {k: v / 2**30 for k, v in memory(cfg, lora, w).items()}
+            lines.append(f"| {name} | {w} | " + " | ".join(f"{m[c]:.2f}" for c in cols)
+                         + f" | {gpu_gib - m['total']:.1f} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--plan"]:
-        sys.exit("usage: python fsdp.py --plan   (per-process memory for Qwen3-30B-A3B and Mixtral-8x7B)")
+        sys.exit("usage: python fsdp.py --plan   (memory per process for Qwen3-30B-A3B and Mixtral-8x7B)")
     print(plan())

@@ -143,11 +143,12 @@ def load_worker(a: dict, mesh):
     except ValueError as e:
         report["missing_error"] = str(e)
     # a bf16 base under fp32 trainables, with gradient checkpointing: the same steps as on one process
-    model, drl = fsdp.from_pretrained(os.path.join(a["dir"], "per_expert"), mesh, lcfg, STEPS, 1337, torch.bfloat16)
+    path = os.path.join(a["dir"], "per_expert")
+    model, drl = fsdp.from_pretrained(path, mesh, lcfg, STEPS, 1337, torch.bfloat16)
     report["dtypes"] = sorted({f"{'lora' if '.lora.' in n else 'router' if '.mlp.gate.' in n else 'base'} "
                                f"{str(p.dtype)[6:]}" for n, p in model.named_parameters()})
     model.gradient_checkpointing = True
-    one = hf.from_pretrained(os.path.join(a["dir"], "per_expert"), dtype=torch.bfloat16)
+    one = hf.from_pretrained(path, dtype=torch.bfloat16)
     bf16 = torch.autocast("cpu", dtype=torch.bfloat16)  # as train.py over a bf16 base
     torch.manual_seed(1337)
     one_drl = drlora.DRLoRA(one, lcfg, STEPS)
@@ -200,7 +201,8 @@ def launch(jobs: list, nproc: int, timeout: int = 300, **env) -> subprocess.Comp
     """jobs, one after the other, on nproc processes (torchrun, gloo). A hang fails after timeout seconds."""
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                           str(nproc), os.path.abspath(__file__), json.dumps(jobs)], cwd=ROOT, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -218,7 +220,8 @@ def one_process(tmp, name, grad_accum=2, resume_from=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the sharded runs: a sum split over threads would round otherwise
     try:
-        run({"base": str(tmp / "base"), "out": str(tmp / name), "grad_accum": grad_accum, "resume": bool(resume_from)})
+        run({"base": str(tmp / "base"), "out": str(tmp / name), "grad_accum": grad_accum,
+             "resume": bool(resume_from)})
     finally:
         torch.set_num_threads(threads)
 
@@ -238,7 +241,9 @@ def runs(tmp_path_factory):
     save_file(sd, tmp / "missing" / "model.safetensors")
     one_process(tmp, "one")
     one_process(tmp, "one4", grad_accum=4)
-    job = lambda name, **kw: {"base": str(tmp / "base"), "out": str(tmp / name), "grad_accum": 2, **kw}  # noqa: E731
+    def job(name, **kw):
+        return {"base": str(tmp / "base"), "out": str(tmp / name), "grad_accum": 2, **kw}
+
     (tmp / "killed").mkdir()
     p = launch([job("killed", grad_ckpt=True)], 2, FSDP_TEST_EXIT_AFTER=str(KILL_AFTER))
     assert p.returncode == 1 and p.stderr.count("exitcode  : 3") == 2, p.stderr[-4000:]  # torchrun names them
@@ -246,8 +251,8 @@ def runs(tmp_path_factory):
     for name in ("two", "1to2"):
         (tmp / name).mkdir()
     shutil.copy(tmp / "one" / "step4.pt", tmp / "1to2" / "ckpt.pt")
-    p = launch([job("two", grad_ckpt=True), job("killed", grad_ckpt=True, resume=True), job("1to2", resume=True),
-                {"mode": "load", "base": str(tmp / "base"), "dir": str(tmp)}], 2)
+    p = launch([job("two", grad_ckpt=True), job("killed", grad_ckpt=True, resume=True),
+                job("1to2", resume=True), {"mode": "load", "base": str(tmp / "base"), "dir": str(tmp)}], 2)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     for name in ("four", "1to4"):
         (tmp / name).mkdir()
@@ -275,13 +280,16 @@ def assert_close_runs(a, b, exact=False):
     assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) <= (0 if exact else TOL["loss"])
     assert list(a["trainable"]) == list(b["trainable"])
     pairs = [(a["trainable"][n], b["trainable"][n]) for n in a["trainable"]]
-    pairs += [(a["drlora"]["f"], b["drlora"]["f"])] + [(a["drlora"]["g"][p], b["drlora"]["g"][p]) for p in a["drlora"]["g"]]
+    da, db = a["drlora"], b["drlora"]
+    pairs += [(da["f"], db["f"])] + [(da["g"][p], db["g"][p]) for p in da["g"]]
     sa, sb = a["optimizer"], b["optimizer"]  # the positional layout of optimizer.state_dict()
     assert sorted(sa["state"]) == sorted(sb["state"])  # torch.distributed.checkpoint turns betas into a list:
     assert json.dumps(sa["param_groups"]) == json.dumps(sb["param_groups"])  # the same numbers
-    pairs += [(sa["state"][i][k], sb["state"][i][k]) for i in sa["state"] for k in ("exp_avg", "exp_avg_sq", "step")]
+    assert all(torch.equal(sa["state"][i]["step"], sb["state"][i]["step"]) for i in sa["state"])
+    pairs += [(sa["state"][i][k], sb["state"][i][k]) for i in sa["state"] for k in ("exp_avg", "exp_avg_sq")]
     for x, y in pairs:
-        assert x.shape == y.shape and (torch.equal(x, y) if exact else rel(x, y) <= TOL["rel"]), (x.shape, rel(x, y))
+        assert x.shape == y.shape, (x.shape, y.shape)
+        assert torch.equal(x, y) if exact else rel(x, y) <= TOL["rel"], (x.shape, rel(x, y))
 
 
 def test_two_processes_match_one(runs):
@@ -294,9 +302,10 @@ def test_two_processes_match_one(runs):
     assert_close_runs(two, one)
     from safetensors.torch import load_file
     a, b = load_file(tmp / "one" / "adapter.safetensors"), load_file(tmp / "two" / "adapter.safetensors")
-    assert a.keys() == b.keys() and len(a) == 2 * (1 + 1 + 2 * 2)  # per layer: ranks, router, A and B of 2 projections
+    assert a.keys() == b.keys() and len(a) == 2 * (1 + 1 + 2 * 2)  # a layer's ranks, router, A, B of 2 targets
     for k in a:
-        assert a[k].shape == b[k].shape and (torch.equal(a[k], b[k]) if "ranks" in k else rel(b[k], a[k]) <= TOL["rel"]), k
+        assert a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]) if "ranks" in k else rel(b[k], a[k]) <= TOL["rel"], k
 
 
 def test_killed_and_resumed_on_two_processes_ends_bit_for_bit(runs):
@@ -322,7 +331,8 @@ def test_six_experts_on_four_processes(runs):
     for name in ("four", "1to4"):
         four = ck[name]
         assert four["world"] == 4
-        assert all(g.shape == (2, 6, 4) for g in four["drlora"]["g"].values()) and four["drlora"]["f"].shape == (2, 6)
+        assert four["drlora"]["f"].shape == (2, 6)
+        assert all(g.shape == (2, 6, 4) for g in four["drlora"]["g"].values())
         assert four["drlora"]["g"]["up_proj"].abs().sum() > 0  # steps 9..11 since the last reset
         assert_close_runs(four, ck["one4"])
 
