@@ -265,6 +265,8 @@ class DRLoRA:
                     s = torch.zeros_like(self.g[p][l])
                 else:
                     s = (A.grad * A).abs().sum(-1) * (B.grad * B).abs().sum(-2)  # (E, r_max)
+                    if hasattr(s, "full_tensor"):  # FSDP: this process's experts only; every process needs all E
+                        s = s.full_tensor()
                 self.g[p][l].mul_(b).add_((1 - b) * s.float())
         self._weight_sum.zero_()
         self._tokens.zero_()
@@ -364,6 +366,8 @@ def train_step(model, drl: DRLoRA, optimizer, micro_batches, t: int, grad_clip: 
     for i, (x, y, mask) in enumerate(micro_batches):
         if hasattr(model, "require_backward_grad_sync"):  # DDP: the all-reduce runs in the last backward
             model.require_backward_grad_sync = i == n - 1
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: the reduce-scatter too
+            model.set_requires_gradient_sync(i == n - 1)
         with autocast or contextlib.nullcontext():
             out = model(x, targets=y, attention_mask=mask)
         drl.observe(out.routers, mask)

@@ -180,8 +180,9 @@ def _checkpoint_files(path: str) -> list[str]:
 
 
 def _open_weights(file: str):
-    """A weight file as a context manager holding keys() and get_tensor(key): safetensors, or a pytorch_model*.bin
-    loaded weights_only (the pickle may build tensors, never run code) and mmap (tensors stay on disk until copied)."""
+    """A weight file as a context manager holding keys() and get_slice(key), a handle that reads only what it is
+    indexed with: safetensors, or a pytorch_model*.bin loaded weights_only (the pickle may build tensors, never
+    run code) and mmap (tensors stay on disk until copied: each is its own handle)."""
     if not file.endswith(".bin"):
         from safetensors import safe_open
 
@@ -189,25 +190,23 @@ def _open_weights(file: str):
     sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
         raise ValueError("not a state dict of tensors")
-    return contextlib.nullcontext(types.SimpleNamespace(keys=sd.keys, get_tensor=sd.__getitem__))
+    return contextlib.nullcontext(types.SimpleNamespace(keys=sd.keys, get_slice=sd.__getitem__))
 
 
-def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransformer:
-    """A checkpoint folder (config.json + safetensors or pytorch_model*.bin, single or sharded, per-expert
-    or fused experts), shard by shard into dtype: peak host memory stays near one copy of the model.
-    Strict: every tensor used, every parameter filled, shapes equal, else one error naming all."""
+def read_config(path: str) -> MoEConfig:
     config_file = os.path.join(path, "config.json")
     if not os.path.exists(config_file):
         raise FileNotFoundError(f"{config_file} does not exist: not a Hugging Face checkpoint folder")
     with open(config_file) as f:
-        cfg = config_from_hf(json.load(f), source=config_file)
-    files = _checkpoint_files(path)
-    with torch.device("meta"):
-        model = MoETransformer(cfg)
-    model = model.to_empty(device=device).to(dtype)  # uninitialised storage, filled below
-    params = dict(model.named_parameters())  # a tied lm_head shares the embedding's entry
-    params.update(model.named_buffers())  # LLaMA-MoE's noise weights are a buffer: loaded and checked alike
-    filled = {name: torch.zeros(p.shape[0] if p.dim() == 3 else 1, dtype=torch.bool) for name, p in params.items()}
+        return config_from_hf(json.load(f), source=config_file)
+
+
+def read_weights(path: str, files: list[str], cfg: MoEConfig, shapes: dict, copy):
+    """Walk the checkpoint's tensors. For each that fills parameter `name` (whole, or its expert e; rows: its part
+    of a fused tensor), call copy(name, e, rows, handle), where handle[...] reads only what it is indexed with.
+    Strict, from the files' headers alone (so every process of a sharded load agrees): every tensor used, every
+    name in shapes filled, shapes equal, else one error naming all."""
+    filled = {name: torch.zeros(s[0] if len(s) == 3 else 1, dtype=torch.bool) for name, s in shapes.items()}
     unexpected, bad_shape = [], []
     for file in files:
         try:
@@ -220,24 +219,22 @@ def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransfor
                 targets = _hf_to_ours(key, cfg)
                 if not targets:  # known and not needed
                     continue
-                if any(name not in params or (e is not None and e >= len(params[name])) for name, e, _ in targets):
+                if any(name not in shapes or (e is not None and e >= shapes[name][0]) for name, e, _ in targets):
                     unexpected.append(key)  # an unknown name, or an expert beyond num_experts
                     continue
                 try:
-                    t = weights.get_tensor(key)
+                    t = weights.get_slice(key)
+                    shape = tuple(t.get_shape() if hasattr(t, "get_shape") else t.shape)
+                    for name, e, rows in targets:
+                        src = shape if rows is None else (shape[0], len(range(shape[1])[rows]), *shape[2:])
+                        dst = tuple(shapes[name]) if e is None else tuple(shapes[name][1:])
+                        if src != dst:
+                            bad_shape.append(f"{key}: checkpoint {src} vs model {dst}")
+                            continue
+                        copy(name, e, rows, t)
+                        filled[name][slice(None) if e is None else e] = True
                 except Exception as e:
                     raise ValueError(f"{file}: cannot read tensor {key} ({e})") from e
-                for name, e, rows in targets:
-                    p = params[name]
-                    src = t if rows is None else t[:, rows]
-                    dst = p if e is None else p[e]
-                    if src.shape != dst.shape:
-                        bad_shape.append(f"{key}: checkpoint {tuple(src.shape)} vs model {tuple(dst.shape)}")
-                        continue
-                    with torch.no_grad():
-                        dst.copy_(src.to(dtype))
-                    filled[name][slice(None) if e is None else e] = True
-                del t
     missing = [n + ("" if f.numel() == 1 else f" (experts {(~f).nonzero().flatten().tolist()})")
                for n, f in filled.items() if not f.all()]
     if cfg.tie_embeddings:
@@ -245,6 +242,25 @@ def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransfor
     if missing or unexpected or bad_shape:
         raise ValueError(f"checkpoint {path} does not match a {cfg.model_type} model:\n"
                          f"  missing: {missing}\n  unexpected: {unexpected}\n  wrong shape: {bad_shape}")
+
+
+def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> MoETransformer:
+    """A checkpoint folder (config.json + safetensors or pytorch_model*.bin, single or sharded, per-expert
+    or fused experts), shard by shard into dtype: peak host memory stays near one copy of the model.
+    Strict: every tensor used, every parameter filled, shapes equal, else one error naming all."""
+    cfg = read_config(path)
+    files = _checkpoint_files(path)
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    model = model.to_empty(device=device).to(dtype)  # uninitialised storage, filled below
+    params = dict(model.named_parameters())  # a tied lm_head shares the embedding's entry
+    params.update(model.named_buffers())  # LLaMA-MoE's noise weights are a buffer: loaded and checked alike
+
+    @torch.no_grad()
+    def copy(name, e, rows, t):
+        (params[name] if e is None else params[name][e]).copy_(t[:] if rows is None else t[:, rows])
+
+    read_weights(path, files, cfg, {name: p.shape for name, p in params.items()}, copy)
     return model
 
 

@@ -83,3 +83,21 @@ def test_gpu_check_runs_on_a_tiny_shape_on_the_cpu(tmp_path):
     assert res["events"] == [0, 5, 10, 15] and res["ranks_per_layer"] == [8 * 4, 8 * 4]  # E x r_target
     assert [run["rc"] for run in res["runs"].values()] == [0, -9, 0]  # the kill is a real SIGKILL
     assert "resumed vs straight: bit for bit" in p.stdout and "| ours DR-LoRA" in p.stdout
+
+
+def test_gpu_check_fsdp_on_two_cpu_processes(tmp_path):
+    """tools/gpu_check.py --fsdp under torchrun, on gloo at the tiny shape: the sharded run and process 0's
+    one-process run on the same batches take the same growth decisions and losses, the gathered adapter
+    holds the run's ranks, and the figures come out."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "fsdp.json"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "tools/gpu_check.py", "--fsdp", "--device", "cpu", "--tiny", "--out", str(out)], cwd=root,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.load(open(out))
+    assert r["failures"] == [] and r["world"] == 2 and r["events"] == [0, 2, 4, 6]
+    assert r["ranks_equal"] and r["adapter_ranks_equal"] and len(r["losses"]) == 8
+    assert r["loss_max_abs_diff"] <= 1e-5
+    assert r["peak_gib"] == [None, None] and r["worked_out_gib"]["total"] > r["worked_out_gib"]["base"] > 0
+    assert "### 3. FSDP: tiny shape" in p.stdout and "| 2 |" in p.stdout

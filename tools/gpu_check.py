@@ -4,6 +4,8 @@ on the CPU (tests/test_bench.py runs it), so that a first GPU run does not fail 
 
     python tools/gpu_check.py --out gpu.json          # CUDA, OLMoE-1B-7B shape: a few minutes on one H200
     python tools/gpu_check.py --device cpu --tiny     # the same code at a tiny shape, on the CPU
+    torchrun --nproc_per_node 8 tools/gpu_check.py --fsdp --out fsdp.json          # section 3 alone, 8 GPUs
+    torchrun --nproc_per_node 2 tools/gpu_check.py --fsdp --device cpu --tiny      # the same on gloo
 
 Nothing is downloaded. Without transformers or PEFT the reference is skipped, with a message.
 
@@ -31,15 +33,26 @@ Nothing is downloaded. Without transformers or PEFT the reference is skipped, wi
    norm) and its losses by 3e-4 and 2e-4, so only the bit-for-bit comparison catches every one of them; the
    tolerance can miss a bug no larger than the drift of atomic sums.
 
+3. --fsdp, under torchrun (nccl; gloo on the CPU), instead of 1 and 2: fsdp.py shards a random checkpoint of
+   OLMoE-1B-7B's shape cut to FSDP_LAYERS layers over the processes (bf16 base, fp32 LoRA and router), each
+   process reading its rows from the file; FSDP_STEPS DR-LoRA steps (r 8 -> 16, max 32, growth at 0, 2, 4, 6;
+   2 micro-batches of 4 x 2048 tokens per process, bf16 autocast, gradient checkpointing), the checkpoint and
+   adapter gathered to process 0, the replica check; then process 0 alone runs the same steps on the same
+   batches without FSDP. Growth events and ranks must be equal; losses within FSDP_LOSS_TOL (bf16 sums in
+   another order). Prints per-process peak memory (torch.cuda.max_memory_allocated) beside fsdp.memory's
+   worked-out figure (which leaves out activations), load time, step time and tokens/s.
+
 Prints markdown tables; --out writes every figure as JSON. Exits 1, after everything has run, if a check failed.
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +60,7 @@ import time
 import traceback
 
 import torch
+import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 sys.path.insert(0, ROOT)
@@ -60,6 +74,8 @@ from tools import bench, export  # noqa: E402
 H200_BF16 = 790e12  # dense bf16 FLOP/s of an H200 on an 8192^3 matmul (its spec sheet's 989 is not reached)
 RESUME_STEPS, KILL_AFTER, DT = 20, 9, 5  # events at 0, 5, 10, 15; the kill leaves the checkpoint of step 10
 RESUME_FLOOR = 1e-5  # resumed vs straight, without deterministic kernels: relative adapter norm and loss
+FSDP_STEPS, FSDP_LAYERS = 8, 4
+FSDP_LOSS_TOL = {"cuda": 2e-2, "cpu": 1e-5}  # sharded vs one process, largest loss difference (bf16 on CUDA)
 
 
 def tiny_shape() -> moe.MoEConfig:
@@ -455,6 +471,108 @@ def print_resume(r: dict):
 
 
 # -----------------------------------------------------------------------------
+# 3. FSDP: a model sharded over the processes of a torchrun
+
+
+def section_fsdp(device: str, tiny: bool, failures: list) -> dict | None:
+    """See the docstring's item 3. Returns the report on process 0, None on the others."""
+    import fsdp
+
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    mesh = dist.device_mesh.init_device_mesh(device, (world,))
+    cfg = tiny_shape() if tiny else dataclasses.replace(bench.olmoe_1b_7b(), n_layer=FSDP_LAYERS)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    lcfg = drlora.DRLoRAConfig(r_init=8, r_target=16, r_max=32, dT=2, dropout=0.0)
+    batch, seq = (2, 64) if tiny else (4, 2048)
+
+    def micro(t, i):  # micro-batch i of step t, the same on every process count
+        g = torch.Generator().manual_seed(1000 * t + i)
+        x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(device)
+        return x[:, :-1], x[:, 1:], None
+
+    folder = [tempfile.mkdtemp(prefix="fsdp_check_") if rank == 0 else None]
+    dist.broadcast_object_list(folder)  # one machine: every process reads the file process 0 writes
+    base, adapter = os.path.join(folder[0], "base"), os.path.join(folder[0], "adapter.safetensors")
+    if rank == 0:
+        model = moe.MoETransformer(cfg)
+        model.init_weights(seed=0)
+        hf.save_pretrained(model.to(dtype), base)
+        del model
+    dist.barrier()
+    t0 = time.time()
+    model, drl = fsdp.from_pretrained(base, mesh, lcfg, FSDP_STEPS, seed=0, dtype=dtype)
+    load_s = time.time() - t0
+    model.gradient_checkpointing = True
+    opt = torch.optim.AdamW(drl.trainable_parameters(), lr=1e-4, weight_decay=0.0)
+    reset_peak(device)
+    times, losses = [], []
+    for t in range(FSDP_STEPS):
+        mb = [micro(t, m * world + rank) for m in range(2)]
+        sync(device)
+        t0 = time.perf_counter()
+        loss = drlora.train_step(model, drl, opt, mb, t, 1.0, autocast)[0]
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    peak = peak_gib(device)
+    trainable, _ = fsdp.gather(model, opt)
+    fsdp.save_adapter(model, drl, trainable, adapter)
+    fsdp.check_replicas(drl)
+    peaks = [None] * world
+    dist.all_gather_object(peaks, peak)
+    sharded = {"losses": losses, "events": [e["step"] for e in drl.history], "ranks": drl.ranks.tolist()}
+    del model, drl, opt, trainable
+    dist.destroy_process_group()
+    if rank:
+        return None
+    print(f"  FSDP on {world} processes: loaded in {load_s:.1f} s, {FSDP_STEPS} steps; now one process", flush=True)
+    reset_peak(device)
+    one = hf.from_pretrained(base, dtype=dtype, device=device)
+    one.gradient_checkpointing = True
+    torch.manual_seed(0)
+    d1 = drlora.DRLoRA(one, lcfg, FSDP_STEPS)
+    opt1 = torch.optim.AdamW(d1.trainable_parameters(), lr=1e-4, weight_decay=0.0)
+    alone = [drlora.train_step(one, d1, opt1, [micro(t, i) for i in range(2 * world)], t, 1.0, autocast)[0].item()
+             for t in range(FSDP_STEPS)]
+    from safetensors import safe_open
+    with safe_open(adapter, framework="pt") as f:
+        written = [f.get_tensor(f"layers.{l}.ranks").tolist() for l in range(len(d1.blocks))]
+    diff = max(abs(a - b) for a, b in zip(sharded["losses"], alone))
+    worked = fsdp.memory(cfg, lcfg, world, dtype)
+    report = {"world": world, "shape": {k: v for k, v in vars(cfg).items() if k != "hf"}, "tokens_per_step":
+              2 * world * batch * seq, "load_s": load_s, "step_s": bench.median(times[1:] or times),
+              "peak_gib": peaks, "worked_out_gib": {k: v / 2**30 for k, v in worked.items()},
+              "losses": sharded["losses"], "losses_one_process": alone, "loss_max_abs_diff": diff,
+              "events": sharded["events"], "ranks_equal": sharded["ranks"] == d1.ranks.tolist(),
+              "adapter_ranks_equal": written == d1.ranks.tolist()}
+    if sharded["events"] != [e["step"] for e in d1.history] or not report["ranks_equal"]:
+        failures.append(f"FSDP: growth differs from one process: events {sharded['events']} vs "
+                        f"{[e['step'] for e in d1.history]}, ranks {sharded['ranks']} vs {d1.ranks.tolist()}")
+    if not report["adapter_ranks_equal"]:
+        failures.append(f"FSDP: the gathered adapter's ranks {written} are not the run's")
+    if not diff <= FSDP_LOSS_TOL[device]:
+        failures.append(f"FSDP: losses differ from one process's by {diff:.3g} > {FSDP_LOSS_TOL[device]}")
+    shutil.rmtree(folder[0], ignore_errors=True)
+    return report
+
+
+def print_fsdp(r: dict, device: str):
+    w = r["worked_out_gib"]
+    bench.table(["processes", "load s", "step s (median)", "tokens/s", "peak GiB per process (measured)",
+                 "worked out, no activations", "loss diff vs one process", "growth events"],
+                [[r["world"], f"{r['load_s']:.1f}", f"{r['step_s']:.3f}", f"{r['tokens_per_step'] / r['step_s']:,.0f}",
+                  "n/a" if r["peak_gib"][0] is None else " / ".join(f"{p:.3g}" for p in r["peak_gib"]),
+                  f"{w['total']:.3g} (base {w['base']:.3g}, trainable {w['trainable']:.3g}, "
+                  f"block {w['block_gathered']:.3g})",
+                  f"{r['loss_max_abs_diff']:.2e}", r["events"]]])
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -466,10 +584,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=0, help="untimed steps first (default 2; tiny 1)")
     ap.add_argument("--no-reference", action="store_true", help="skip transformers + PEFT")
     ap.add_argument("--no-train", action="store_true", help="skip the train.py runs")
+    ap.add_argument("--fsdp", action="store_true", help="section 3 alone, under torchrun: FSDP over its processes")
     args = ap.parse_args(argv)
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but torch sees no CUDA device")
+    if args.fsdp:
+        return main_fsdp(args, device)
     cfg, batch, seq = (tiny_shape(), 2, 64) if args.tiny else (bench.olmoe_1b_7b(), 4, 2048)
     steps, warmup = args.steps or (2 if args.tiny else 5), args.warmup or (1 if args.tiny else 2)
     start, failures = time.time(), []
@@ -518,6 +639,28 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
     print(f"total {report['seconds']:.0f} s" + (f"; figures in {args.out}" if args.out else ""))
+    for msg in failures:
+        print(f"FAILED: {msg}")
+    return 1 if failures else 0
+
+
+
+def main_fsdp(args, device: str) -> int:
+    if "WORLD_SIZE" not in os.environ:
+        sys.exit("error: --fsdp runs under torchrun: torchrun --nproc_per_node N tools/gpu_check.py --fsdp")
+    start, failures = time.time(), []
+    r = section_fsdp(device, args.tiny, failures)
+    if r is None:  # process 0 reports
+        return 0
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"\n### 3. FSDP: {'tiny shape' if args.tiny else f'OLMoE-1B-7B shape, {FSDP_LAYERS} layers'}, random "
+          f"weights, {r['world']} x {name}, torch {torch.__version__}\n")
+    print_fsdp(r, device)
+    r.update(device=name, torch=torch.__version__, failures=failures, seconds=round(time.time() - start, 1))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(r, f, indent=1)
     for msg in failures:
         print(f"FAILED: {msg}")
     return 1 if failures else 0
