@@ -147,13 +147,12 @@ class ExpertLoRA(nn.Module):
         """s * B[e][:, :r_e] @ A[e][:r_e] @ dropout(x) for each row x of expert e: (n, d_in) -> (n, d_out)."""
         A, B, x = self.A[p], self.B[p], self.drop(x)
         R = min(moe.align(max(self.r), x), self.cfg.r_max)  # the largest rank, rounded up for grouped_mm
-        if groups.offs is not None and moe.aligned(x, R):
-            # grouped: every expert at rank R, B's columns past its own rank zeroed, so that those slots add
-            # exactly zero and (A's rows through B, B's columns through the zeros) get exactly zero gradient
-            active = torch.arange(R, device=x.device) < self.ranks[:, None]  # (E, R)
+        if groups.offs is not None and moe.aligned(x, R, self.cfg.r_max):  # r_max: the row stride of B
+            # grouped: every expert at rank R, the slots past each row's expert's own rank multiplied by zero,
+            # so that they add exactly zero and get exactly zero gradient
             h = F.grouped_mm(x, A[:, :R].transpose(-2, -1).to(x.dtype), offs=groups.offs)  # (n, R)
-            B = (B[:, :, :R] * active[:, None, :]).to(x.dtype)  # (E, d_out, R)
-            return self.cfg.scale * F.grouped_mm(h, B.transpose(-2, -1), offs=groups.offs)
+            h = h * (torch.arange(R, device=x.device) < self.ranks[groups.ids, None])
+            return self.cfg.scale * F.grouped_mm(h, B[:, :, :R].transpose(-2, -1).to(x.dtype), offs=groups.offs)
         # the loop: each expert computes only its active prefix of slots
         counts = groups.counts or torch.bincount(groups.ids, minlength=len(self.r)).tolist()
         As, Bs = A.unbind(0), B.unbind(0)  # one autograd node each, as in moe.expert_matmul
@@ -391,6 +390,8 @@ def train_step(model, drl: DRLoRA, optimizer, micro_batches, t: int, grad_clip: 
 def merge(model):
     """Fold every expert's active LoRA into its weights and remove the adapters."""
     for blk in model.moe_layers():
+        if hasattr(blk.experts.up_proj, "full_tensor"):  # FSDP: W[e] would be a gathered copy, the merge lost
+            raise ValueError("merge a sharded model from its adapter file (tools/export.py), not in place")
         if blk.experts.lora is not None:
             blk.experts.lora.merge_into(blk.experts)
             blk.experts.lora = None

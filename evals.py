@@ -1,5 +1,6 @@
 """
-Evaluation: the held-out loss and the task's own metric (tools/evaluate.py scores a saved adapter with it).
+Evaluation: the held-out loss and the task's own metric (tools/evaluate.py scores a saved adapter with it),
+and the record of a run (result.json).
 
 An SFT sample is prompt + answer (the loss mask marks the answer), so one file serves the loss and the
 prompts. val_loss: cross-entropy per answer token. The metric is the one the task's manifest.json names,
@@ -8,8 +9,14 @@ final answers of output and reference read by the evaluator's extract_answer; an
 evaluator's own evaluate() (tasks/metrics.py for the real tasks), imported by name, so that the core
 never imports the harness.
 """
+import hashlib
 import importlib
+import json
+import math
 import os
+import platform
+import re
+from dataclasses import asdict
 
 import torch
 
@@ -122,3 +129,39 @@ def evaluate(what: str, model, tokenizer, task: common.Task, n: int, block_size:
     for prompt, out, ok in shown:
         log(f"  {'ok ' if ok else 'bad'} {prompt!r} -> {out!r}")
     return {"val_loss": loss, **r}
+
+
+# --- the record of a run
+
+
+def machine(base: str, device: str) -> dict:
+    """What a result depends on beyond the settings: the processor, threads, torch, and the base's own bytes
+    (a tiny base pretrained with another thread count is another model)."""
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    cpu = re.search(r"model name\s*: (.*)", info)
+    weights, digest = os.path.join(base, "model.safetensors"), None
+    if os.path.exists(weights):  # streamed: a real base is many GB
+        with open(weights, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"cpu": cpu[1].strip() if cpu else platform.processor(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": device, "base_sha256": digest}
+
+
+def record(cfg, history: dict, drl, seconds: float, base: str, device: str, log=print) -> dict:
+    """result.json in cfg.out_dir (the settings, the scores, the final ranks, f and g, the run's history, the
+    machine) and a table of the scores. cfg: train.TrainConfig."""
+    final, before, lcfg = history["final"], history.get("base") or {}, cfg.lora
+    result = {"method": lcfg.method, "metric": final["metric"], "base_score": before.get("score"),
+              "score": final["score"], "base_val_loss": before.get("val_loss"), "val_loss": final["val_loss"],
+              "active_lora_params": drl.active_lora_parameters(), "ranks": drl.ranks.tolist(), "f": drl.f.tolist(),
+              "g": drl.expert_importance().tolist(), "seconds": seconds, "machine": machine(base, device)}
+    with open(os.path.join(cfg.out_dir, "result.json"), "w") as f:
+        json.dump({"config": asdict(cfg), "result": result, "history": history, "drlora": drl.history}, f)
+    better = "" if final["higher_is_better"] else " (lower is better)"
+    log(f"\n| | val loss | {final['metric']}{better} |\n|---|---|---|\n"
+        f"| base model | {before.get('val_loss', math.nan):.4f} | {before.get('score', math.nan):.3f} |\n"
+        f"| {lcfg.method} ({cfg.steps} steps) | {final['val_loss']:.4f} | {final['score']:.3f} |\n"
+        f"active LoRA parameters {result['active_lora_params']:,}; ranks per layer "
+        f"{[sum(r) for r in result['ranks']]}; fine-tuning {seconds:.0f}s; adapter {cfg.out_dir}/adapter.safetensors; "
+        f"figures: python tools/plots.py {cfg.out_dir}")
+    return result

@@ -18,9 +18,9 @@ gathers what files need; drlora.train_step runs on the sharded model unchanged.
   held, and update_statistics gathers all E rows: every process decides alike. Ranks, f and g are plain
   tensors, the same everywhere (expert_importance and set_ranks work as they are).
 - Files: gather() gives process 0 full tensors in a one-process run's layout (trainables by name, positions
-  of optimizer.state_dict()): one ckpt.pt for any process count, FSDP or not. Not on a sharded model:
-  drlora.save_adapter (it fails: base_identity reads no DTensor; use save_adapter here) and drlora.merge (it
-  changes nothing: W[e] of a DTensor is a gathered copy); merge from the adapter, as tools/export.py does.
+  of optimizer.state_dict()): one ckpt.pt for any process count, FSDP or not; save_adapter() writes
+  hf.save_adapter's file from them. drlora.merge refuses a sharded model (W[e] of a DTensor is a gathered
+  copy): merge from the adapter file, as tools/export.py does.
 """
 import dataclasses
 import math
@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh  # noqa: F401 (train.py's)
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
@@ -146,7 +147,7 @@ def load(model, optimizer, trainable: dict, optim_state: dict):
 
 
 def save_adapter(model, drl: drlora.DRLoRA, trainable: dict, path: str):
-    """drlora.save_adapter's file from gather()'s tensors, written by process 0 (the others return)."""
+    """hf.save_adapter's file from gather()'s tensors, written by process 0 (the others return)."""
     if dist.get_rank() != 0:
         return
     ns, targets = types.SimpleNamespace, drl.cfg.targets
@@ -160,30 +161,27 @@ def save_adapter(model, drl: drlora.DRLoRA, trainable: dict, path: str):
     embed = model.embed_tokens.weight.to_local()  # base_identity reads rows 0..7: process 0 holds them
     assert len(embed) >= 8
     view = ns(cfg=model.cfg, moe_layers=lambda: layers, embed_tokens=ns(weight=embed))  # what it reads
-    drlora.save_adapter(view, path, drl.cfg)
-
-
-@torch.no_grad()
-def check_replicas(drl: drlora.DRLoRA):
-    """End of a run, on every process: raises unless all hold the same ranks (buffer and python mirror), f,
-    g and gathered adapter (a checksum of the active slots and the router)."""
-    total = torch.zeros((), dtype=torch.float64, device=drl.f.device)
-    for lora in (blk.experts.lora for blk in drl.blocks):
-        for A, B in ((lora.A[p].full_tensor(), lora.B[p].full_tensor()) for p in drl.cfg.targets):
-            total += sum(A[e, :r].double().sum() + B[e, :, :r].double().sum() for e, r in enumerate(lora.r))
-    total += sum(p.full_tensor().double().sum() for p in drl.router_parameters())
-    mirror = torch.tensor([blk.experts.lora.r for blk in drl.blocks], device=drl.f.device)
-    check = torch.cat([total.view(1), drl.ranks.flatten().double(), mirror.flatten().double(),
-                       drl.f.flatten().double(), *(g.flatten().double() for g in drl.g.values())])
-    every = [torch.zeros_like(check) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, check)
-    if not all(torch.equal(c, check) for c in every):
-        raise RuntimeError(f"processes disagree after training (checksum, ranks, ...): "
-                           f"{[c[:8].tolist() for c in every]}")
+    hf.save_adapter(view, path, drl.cfg)
 
 
 # -----------------------------------------------------------------------------
-# memory per process, worked out from shapes and dtypes
+# memory per process: held, and worked out from shapes and dtypes
+
+
+def held(model) -> dict:
+    """The bytes this process holds: its shards of the base and of the trainables."""
+    out = {"base": 0, "trainable": 0}
+    for p in model.parameters():
+        out["trainable" if p.requires_grad else "base"] += p.to_local().numel() * p.element_size()
+    return out
+
+
+def share(model, lora: drlora.DRLoRAConfig, dtype) -> str:
+    """What this process holds (held(), and AdamW's two moments for its trainables) and what it gathers at most
+    (two blocks at once, as memory() works out), in GiB."""
+    mine, most = held(model), 2 * memory(model.cfg, lora, dist.get_world_size(), dtype)["block_gathered"]
+    return (f"base {mine['base'] / 2**30:.2f} GiB, trainable {mine['trainable'] / 2**30:.2f} GiB, AdamW "
+            f"{2 * mine['trainable'] / 2**30:.2f} GiB, two blocks gathered {most / 2**30:.2f} GiB, activations aside")
 
 
 def memory(cfg: moe.MoEConfig, lora: drlora.DRLoRAConfig, world: int, dtype=torch.bfloat16) -> dict:

@@ -449,11 +449,10 @@ class MoETransformer(nn.Module):
         return Output(None, loss, routers)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None, pad_id: int = 0,
-                 temperature: float = 0.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
-        """Batched decoding with a KV cache. Prompts of different lengths are left-padded.
-        temperature 0 = greedy. Returns the new tokens of each prompt, cut before eos."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
+                 pad_id: int = 0) -> list[list[int]]:
+        """Batched greedy decoding (every metric here scores greedy outputs) with a KV cache. Prompts of
+        different lengths are left-padded. Returns the new tokens of each prompt, cut before eos."""
         device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
@@ -470,14 +469,7 @@ class MoETransformer(nn.Module):
         n = 0
         logits = self(idx, attention_mask=mask[:, :P], cache=cache).logits[:, -1]
         for n in range(1, max_new_tokens + 1):
-            if temperature == 0.0:
-                nxt = logits.argmax(-1)
-            else:
-                logits = logits.float() / temperature
-                if top_k is not None:
-                    v, _ = logits.topk(min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+            nxt = logits.argmax(-1)
             out[:, n - 1] = nxt
             if eos_id is not None:
                 done |= nxt == eos_id

@@ -15,12 +15,11 @@ scales down the few that the embedded CPU run needs (PRESETS). The embedded run 
 import argparse
 import dataclasses
 import datetime
-import hashlib
+import importlib
 import inspect
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -63,6 +62,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 base and autocast on CUDA, fp32 elsewhere) | float32 | bfloat16
     compile: bool = False  # torch.compile; each growth event changes the ranks and so recompiles
     grad_ckpt: bool = True  # gradient checkpointing per block: activations of one block at a time
+    fsdp: bool = False  # under torchrun: shard the model over the processes (fsdp.py), not a replica each (DDP)
     ckpt_interval: int = 250  # steps between checkpoints (and one at the end), each written atomically
     resume: bool = False  # continue from out_dir/ckpt.pt, with the same settings
     lora: drlora.DRLoRAConfig = field(default_factory=drlora.DRLoRAConfig)  # the method's settings
@@ -79,6 +79,7 @@ class TrainConfig:
             drlora.check(getattr(self, name) in allowed, name, getattr(self, name), f"one of {', '.join(allowed)}")
         drlora.check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device), "device", self.device,
                      "auto, cpu, cuda, cuda:N or mps")
+        drlora.check(not (self.fsdp and self.compile), "compile", self.compile, "off with --fsdp (not tested together)")
 
 
 # The embedded run: the paper's method scaled down to a 3.5 M-parameter model and 2 CPU cores, each value
@@ -101,9 +102,9 @@ PRESETS = {"paper": {}, "tiny": dict(
     dT=100,  # 14 events (t_warm 45, the last at 1345), quota 3 < 8 experts x cap 1: saliency decides who grows
     dropout=0.0,  # its masks cost more than the rest of a tiny CPU step, and train loss stays at held-out loss
 )}
-# settings that may change when resuming
-RESUMABLE = {"resume", "eval_interval", "log_interval", "ckpt_interval", "compile", "eval_samples", "device",
-             "eval_base", "eval_split", "max_new_tokens", "preset"}
+# settings that may change when resuming: what is evaluated and logged, where, and how (not what) is computed
+RESUMABLE = {"resume", "eval_interval", "log_interval", "ckpt_interval", "eval_samples", "eval_split", "eval_base",
+             "max_new_tokens", "out_dir", "device", "compile", "grad_ckpt", "fsdp", "preset"}
 
 
 def flat(cfg: TrainConfig) -> dict:
@@ -150,18 +151,8 @@ def get_lr(t: int, lr: float, t_warm: int, steps: int) -> float:
     return lr * (steps - t) / (steps - t_warm)
 
 
-def batch_indices(pos: int, n: int, n_train: int, seed: int) -> list[int]:
-    """Samples pos .. pos+n-1 of an endless stream of seeded per-epoch permutations of the training set."""
-    out = []
-    while len(out) < n:
-        epoch, i = divmod(pos + len(out), n_train)
-        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch))
-        out += perm[i: i + n - len(out)].tolist()
-    return out
-
-
 # -----------------------------------------------------------------------------
-# checkpoints and the record of a run
+# checkpoints, evaluation, the processes' agreement
 
 
 def read_checkpoint(path: str, cfg: TrainConfig) -> dict:
@@ -169,7 +160,7 @@ def read_checkpoint(path: str, cfg: TrainConfig) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # every process reads it
         saved = json.loads(json.dumps(state["config"]))  # tuples as lists, as in `now`
     except Exception as e:  # truncated, not a checkpoint, or a checkpoint of something else
         raise ValueError(f"--resume: {path} cannot be read as a drlora checkpoint ({type(e).__name__}: "
@@ -184,15 +175,18 @@ def read_checkpoint(path: str, cfg: TrainConfig) -> dict:
     return state
 
 
-def resume(state: dict, model, drl, optimizer, rank: int, world: int, log) -> tuple[int, int, dict]:
-    """Restore the trainable tensors, DR-LoRA's state, the optimizer and each process's random stream.
-    Returns (first step, samples consumed, history)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in state["trainable"].items():
-            params[name].copy_(t)
+def resume(state: dict, model, drl, optimizer, rank: int, world: int, log, fsdp=None) -> tuple[int, int, dict]:
+    """Restore the trainable tensors and the optimizer (each process its shards, with fsdp), DR-LoRA's state and
+    each process's random stream. Returns (first step, samples consumed, history)."""
+    if fsdp:
+        fsdp.load(model, optimizer, state["trainable"], state["optimizer"])
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, t in state["trainable"].items():
+                params[name].copy_(t)
+        optimizer.load_state_dict(state["optimizer"])
     drl.load_state_dict(state["drlora"])
-    optimizer.load_state_dict(state["optimizer"])
     if len(state["rng"]) == world:  # each process continues its own random stream (LoRA dropout)
         rng = state["rng"][rank]
         torch.set_rng_state(rng["cpu"])
@@ -204,66 +198,56 @@ def resume(state: dict, model, drl, optimizer, rank: int, world: int, log) -> tu
     return state["step"], state["pos"], state["history"]
 
 
-def rng_states(device: str, world: int) -> list[dict]:
-    """Every process's random state, gathered (a collective: every process calls it)."""
-    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None}
-    if world == 1:
-        return [mine]
-    every = [None] * world
-    dist.all_gather_object(every, mine)
-    return every
-
-
-def save_checkpoint(out_dir: str, state: dict, model, lora_cfg):
-    """ckpt.pt (what a resume needs) and adapter.safetensors (what a user keeps), each written atomically:
-    a kill leaves the old file or the new one, never half of one."""
+def save_checkpoint(out_dir: str, state: dict, model, optimizer, drl, device: str, world: int, fsdp=None):
+    """ckpt.pt (what a resume needs, in one layout for any number of processes) and adapter.safetensors (what
+    a user keeps), each written atomically by process 0: a kill leaves the old file or the new one, never half
+    of one. Every process calls it: it gathers their random states and, with fsdp, the shards."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None}
+    every = [rng]
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, rng)
+    adapter = os.path.join(out_dir, "adapter.safetensors")
+    if fsdp:
+        trainable, optim = fsdp.gather(model, optimizer)
+        fsdp.save_adapter(model, drl, trainable, adapter)
+    if world > 1 and dist.get_rank():
+        return
+    if not fsdp:
+        trainable, optim = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, \
+            optimizer.state_dict()
+        hf.save_adapter(model, adapter, drl.cfg)
     path = os.path.join(out_dir, "ckpt.pt")
-    torch.save(state, path + ".tmp")
+    torch.save({**state, "rng": every, "trainable": trainable, "optimizer": optim}, path + ".tmp")
     os.replace(path + ".tmp", path)
-    hf.save_adapter(model, os.path.join(out_dir, "adapter.safetensors"), lora_cfg)
 
 
-def machine(base: str, device: str) -> dict:
-    """What a result depends on beyond the settings: the processor, threads, torch, and the base's own bytes
-    (a tiny base pretrained with another thread count is another model)."""
-    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    cpu = re.search(r"model name\s*: (.*)", info)
-    weights, digest = os.path.join(base, "model.safetensors"), None
-    if os.path.exists(weights):  # streamed: a real base is many GB
-        with open(weights, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"cpu": cpu[1].strip() if cpu else platform.processor(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "device": device, "base_sha256": digest}
-
-
-def report(cfg: TrainConfig, history: dict, drl, seconds: float, machine: dict, log) -> dict:
-    """result.json (the settings, the scores, the final ranks, f and g, the run's history) and a table."""
-    final, base, lcfg = history["final"], history.get("base", {}), cfg.lora
-    result = {"method": lcfg.method, "metric": final["metric"], "base_score": base.get("score"),
-              "score": final["score"], "base_val_loss": base.get("val_loss"), "val_loss": final["val_loss"],
-              "active_lora_params": drl.active_lora_parameters(), "ranks": drl.ranks.tolist(),
-              "f": drl.f.tolist(), "g": drl.expert_importance().tolist(), "seconds": seconds, "machine": machine}
-    with open(os.path.join(cfg.out_dir, "result.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "result": result, "history": history, "drlora": drl.history}, f)
-    better = "" if final["higher_is_better"] else " (lower is better)"
-    log(f"\n| | val loss | {final['metric']}{better} |\n|---|---|---|\n"
-        f"| base model | {base.get('val_loss', math.nan):.4f} | {base.get('score', math.nan):.3f} |\n"
-        f"| {lcfg.method} ({cfg.steps} steps) | {final['val_loss']:.4f} | {final['score']:.3f} |\n"
-        f"active LoRA parameters {result['active_lora_params']:,}; ranks per layer "
-        f"{[sum(r) for r in result['ranks']]}; fine-tuning {seconds:.0f}s; adapter {cfg.out_dir}/adapter.safetensors; "
-        f"figures: python tools/plots.py {cfg.out_dir}")
+def evaluate(what: str, step: int, evaluation: dict, here: bool, waiting_room, examples: int = 0):
+    """evals.evaluate where `here` ({"step", "val_loss", "metric", "score", ...}; None elsewhere): on process 0
+    while the others wait in the waiting room (DDP), or on every process (FSDP: each forward needs them all)."""
+    result = {"step": step, **evals.evaluate(what, **evaluation, examples=examples)} if here else None
+    if waiting_room is not None:
+        dist.barrier(group=waiting_room)
     return result
 
 
-def check_replicas(trainable, drl, device: str, world: int, log):
-    """Every process must hold the same adapters, router and ranks (every expert's rank, not their sum:
-    the last event brings every process's sum to the same target)."""
-    mine = torch.cat([sum(p.double().sum() for p in trainable).view(1), drl.ranks.flatten().double()]).to(device)
+def check_replicas(drl, world: int, log):
+    """Every process must hold the same ranks (the buffer, and the python mirror the forward slices by), f, g,
+    adapters and router (a checksum of the active slots, gathered whole under FSDP)."""
+    whole = [lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t][0]
+    total = torch.zeros((), dtype=torch.float64, device=drl.f.device)
+    for lora in (blk.experts.lora for blk in drl.blocks):
+        for A, B in ((whole(lora.A[p]), whole(lora.B[p])) for p in drl.cfg.targets):
+            total += sum(A[e, :r].double().sum() + B[e, :, :r].double().sum() for e, r in enumerate(lora.r))
+    total += sum(whole(p).double().sum() for p in drl.router_parameters())
+    mirror = torch.tensor([blk.experts.lora.r for blk in drl.blocks], device=drl.f.device)
+    mine = torch.cat([total.view(1), drl.ranks.flatten().double(), mirror.flatten().double(), drl.f.flatten().double(),
+                      *(g.flatten().double() for g in drl.g.values())])
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     if not all(torch.equal(c, mine) for c in every):
-        raise RuntimeError(f"processes disagree after training: {[c.tolist() for c in every]}")
-    log(f"all {world} processes hold identical adapters, ranks and routers")
+        raise RuntimeError(f"processes disagree after training (checksum, ranks, ...): {[c[:8].tolist() for c in every]}")
+    log(f"all {world} processes hold identical adapters, ranks, routers, f and g")
 
 
 # -----------------------------------------------------------------------------
@@ -274,22 +258,23 @@ def main(argv=None):
     cfg = parse_args(argv)
     lcfg = cfg.lora
     state = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg) if cfg.resume else None
+    fsdp = importlib.import_module("fsdp") if cfg.fsdp else None  # the sharded path: a module of its own
     # -------------------------------------------------------------------------
     # processes and device
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    rank, world = 0, 1
-    if ddp:
+    rank, world, waiting_room = 0, 1, None
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        # Process 0 evaluates alone; the others wait for it here, where no timeout can stop them, while a
-        # stalled training collective still times out as usual.
-        waiting_room = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
+        if not fsdp:  # process 0 evaluates alone: the others wait here, where no timeout can stop them
+            waiting_room = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    elif fsdp:
+        raise ValueError("--fsdp shards the model over the processes of a torchrun: torchrun --nproc_per_node N ...")
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if cfg.grad_accum % world:
@@ -300,7 +285,7 @@ def main(argv=None):
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
     os.makedirs(cfg.out_dir, exist_ok=True)
     # -------------------------------------------------------------------------
-    # base model, tokenizer, data
+    # base model and DR-LoRA, tokenizer, data
     if cfg.model == "tiny":
         from data import pretrain  # making the embedded base is a program of its own, run once when it is missing
 
@@ -312,38 +297,45 @@ def main(argv=None):
         if device == "cpu":
             log(f"warning: {cfg.model} on the CPU: a step of a real model takes minutes or more; use a GPU")
     folder = common.task_folder(cfg.task, make=master and cfg.model == "tiny")
-    if ddp:
+    if world > 1:
         dist.barrier()  # process 0 made what was missing
-    model = hf.from_pretrained(path, dtype=dtype, device=device)
+    # seeded here, after any pretraining: the same LoRA init on every process and in every run
+    if fsdp:  # built on the meta device, each process reads only its shards of the base
+        mesh = fsdp.init_device_mesh(device.split(":")[0], (world,))
+        model, drl = fsdp.from_pretrained(path, mesh, lcfg, cfg.steps, cfg.seed, dtype)
+    else:
+        model = hf.from_pretrained(path, dtype=dtype, device=device)
+        torch.manual_seed(cfg.seed)
+        drl = drlora.DRLoRA(model, lcfg, total_steps=cfg.steps)
+    if rank:  # LoRA dropout: each process its own masks (process 0 keeps the stream of a one-process run)
+        torch.manual_seed(cfg.seed + rank)
     model.gradient_checkpointing = cfg.grad_ckpt
     tokenizer = hf.load_tokenizer(path, model.cfg)
     task = common.load_task(folder, tokenizer, cfg.eval_split)
     block_size = min(cfg.block_size, model.cfg.max_seq_len)
     if block_size < cfg.block_size:
         log(f"warning: block_size {cfg.block_size} > the model's {block_size} positions: using {block_size}")
-    n_total = sum(p.numel() for p in model.parameters())
-    E, K, I, H = model.cfg.n_experts, model.cfg.top_k, model.cfg.intermediate_size, model.cfg.hidden_size
-    n_idle = 3 * I * H * (E - K) * len(model.moe_layers())  # expert weights a token does not use
+    E, K = model.cfg.n_experts, model.cfg.top_k
+    n_total = sum(p.numel() for n, p in model.named_parameters() if ".lora." not in n)
+    n_idle = 3 * model.cfg.intermediate_size * model.cfg.hidden_size * (E - K) * len(model.moe_layers())  # a token's
     log(f"base model {path}: {model.cfg.model_type}, {n_total / 1e6:.1f} M parameters, "
         f"{(n_total - n_idle) / 1e6:.1f} M active per token, {E} experts top-{K}, dtype {dtype}")
     log(f"task {cfg.task}: {len(task.train):,} train / {len(task.val):,} val / {len(task.test):,} {task.split} samples")
-    # -------------------------------------------------------------------------
-    # DR-LoRA and the optimizer
-    torch.manual_seed(cfg.seed)  # here, after any pretraining: the same LoRA init on every process and in every run
-    drl = drlora.DRLoRA(model, lcfg, total_steps=cfg.steps)
-    if rank:  # LoRA dropout: each process its own masks (process 0 keeps the stream of a one-process run)
-        torch.manual_seed(cfg.seed + rank)
-    trainable = drl.trainable_parameters()
     log(f"DR-LoRA {lcfg.method}: ranks {lcfg.r_init} -> {lcfg.r_target} (max {lcfg.r_max}); warm-up ends at step "
         f"{drl.t_warm}; {len(drl.events)} growth events {drl.events[:3]}{'...' if len(drl.events) > 3 else ''}, "
-        f"quota {drl.quota}, cap {drl.cap}; trainable {sum(p.numel() for p in trainable) / 1e6:.2f} M "
-        f"(allocated LoRA {sum(p.numel() for p in drl.lora_parameters()) / 1e6:.2f} M, active now "
+        f"quota {drl.quota}, cap {drl.cap}; trainable {sum(p.numel() for p in drl.trainable_parameters()) / 1e6:.2f} M"
+        f" (allocated LoRA {sum(p.numel() for p in drl.lora_parameters()) / 1e6:.2f} M, active now "
         f"{drl.active_lora_parameters() / 1e6:.3f} M, at the end "
         f"{drl.active_lora_parameters() * lcfg.r_target / lcfg.r_init / 1e6:.3f} M)")
     log(f"{cfg.batch_size} samples x {accum} micro-batches x {world} processes = "
         f"{cfg.batch_size * cfg.grad_accum} samples per step")
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    run = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if ddp else model
+    if fsdp:  # every process its own share: uneven when the experts do not divide by the processes
+        print(f"process {rank}: {fsdp.share(model, lcfg, dtype)}", flush=True)
+    # -------------------------------------------------------------------------
+    # the optimizer, resume
+    optimizer = torch.optim.AdamW(drl.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.999))
+    run = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 and not fsdp else model
     if cfg.compile:
         if not bf16:  # torch.compile traces grouped_mm for bf16 inputs only
             model.set_grouped(False)
@@ -351,14 +343,12 @@ def main(argv=None):
         run = torch.compile(run)  # recompiles after each growth event: the ranks are python ints
     start, pos, history = 0, 0, {"step": [], "loss": [], "lr": [], "eval": [], "events": []}
     if state is not None:
-        start, pos, history = resume(state, model, drl, optimizer, rank, world, log)
+        start, pos, history = resume(state, model, drl, optimizer, rank, world, log, fsdp)
         log(f"resumed from {cfg.out_dir}/ckpt.pt at step {start}")
     evaluation = dict(model=model, tokenizer=tokenizer, task=task, n=cfg.eval_samples, block_size=block_size,
                       max_new_tokens=cfg.max_new_tokens, autocast=autocast, log=log)
     if start == 0 and cfg.eval_base:  # LoRA's B is zero: this is the base model
-        history["base"] = {"step": 0, **evals.evaluate("eval step 0", **evaluation, examples=2)} if master else None
-        if ddp:
-            dist.barrier(group=waiting_room)
+        history["base"] = evaluate("eval step 0", 0, evaluation, master or cfg.fsdp, waiting_room, examples=2)
     # -------------------------------------------------------------------------
     # the loop
     t0, tokens_seen = time.time(), 0
@@ -370,12 +360,12 @@ def main(argv=None):
         micro = []
         for m in range(accum):  # this process's micro-batches, cut from one stream of samples for all processes
             first = pos + (m * world + rank) * cfg.batch_size
-            idx = batch_indices(first, cfg.batch_size, len(task.train), cfg.seed)
+            idx = common.batch_indices(first, cfg.batch_size, len(task.train), cfg.seed)
             micro.append([a.to(device) for a in common.sft_batch(task.train, idx, block_size, tokenizer.pad_id)])
             tokens_seen += int(micro[-1][2].sum())
         loss, event = drlora.train_step(run, drl, optimizer, micro, t, cfg.grad_clip, autocast)
         pos += cfg.batch_size * accum * world
-        if ddp:
+        if world > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         history["step"].append(t)
         history["loss"].append(loss.item())
@@ -389,26 +379,18 @@ def main(argv=None):
             log(f"step {t:5d}/{cfg.steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
                 f"{tokens_seen * world / dt:,.0f} tok/s | ETA {dt / (t - start + 1) * (cfg.steps - t - 1):.0f}s")
         if t > 0 and t % cfg.eval_interval == 0 and t != cfg.steps - 1:
-            if master:
-                history["eval"].append({"step": t, **evals.evaluate(f"eval step {t}", **evaluation)})
-            if ddp:
-                dist.barrier(group=waiting_room)
+            history["eval"].append(evaluate(f"eval step {t}", t, evaluation, master or cfg.fsdp, waiting_room))
         if (t + 1) % cfg.ckpt_interval == 0 or t == cfg.steps - 1:
-            rng = rng_states(device, world)
-            if master:
-                save_checkpoint(cfg.out_dir, {
-                    "config": asdict(cfg), "base": path, "step": t + 1, "pos": pos, "history": history, "rng": rng,
-                    "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                    "drlora": drl.state_dict(), "optimizer": optimizer.state_dict()}, model, lcfg)
+            save_checkpoint(cfg.out_dir, {"config": asdict(cfg), "base": path, "step": t + 1, "pos": pos,
+                                          "history": history, "drlora": drl.state_dict()},
+                            model, optimizer, drl, device, world, fsdp)
     # -------------------------------------------------------------------------
     # the end: replicas agree, final evaluation, record
-    if ddp:
-        check_replicas(trainable, drl, device, world, log)
-    result = {}
-    if master:
-        history["final"] = {"step": cfg.steps, **evals.evaluate(f"eval step {cfg.steps}", **evaluation, examples=3)}
-        result = report(cfg, history, drl, time.time() - t0, machine(path, device), log)
-    if ddp:
+    if world > 1:
+        check_replicas(drl, world, log)
+    history["final"] = evaluate(f"eval step {cfg.steps}", cfg.steps, evaluation, master or cfg.fsdp, None, examples=3)
+    result = evals.record(cfg, history, drl, time.time() - t0, path, device, log) if master else {}
+    if world > 1:
         dist.destroy_process_group()
     return result
 

@@ -170,6 +170,16 @@ def load_sft(path) -> SFTDataset:
     return SFTDataset(tokens, mask, offsets, manifest)
 
 
+def batch_indices(pos: int, n: int, n_train: int, seed: int) -> list[int]:
+    """Samples pos .. pos+n-1 of an endless stream of seeded per-epoch permutations of the training set."""
+    out = []
+    while len(out) < n:
+        epoch, i = divmod(pos + len(out), n_train)
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch))
+        out += perm[i: i + n - len(out)].tolist()
+    return out
+
+
 def sft_batch(dataset, indices: Sequence[int], block_size: int,
               pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded batch: x (B, T) ids, y (B, T) next-token targets with -100 on prompt and padding,

@@ -1,8 +1,9 @@
-"""fsdp.py in real processes: torchrun, gloo, a tiny MoE (6 experts) written by hf.save_pretrained. The
-driver below (`python tests/test_fsdp.py '<json>'`, under torchrun for FSDP) trains as train.py does:
-drlora.train_step over seeded batches, ckpt.pt gathered to process 0 in a one-process run's layout and
-written atomically, a kill after a chosen step from an environment variable. Runs on one process take
-the path train.py takes today (hf.from_pretrained, no FSDP): the reference every sharded run is held to.
+"""FSDP in real processes: torchrun, gloo, a tiny MoE (6 experts) written by hf.save_pretrained and an
+arithmetic task. The training runs are train.py itself (--fsdp under torchrun; the same settings on one
+process without it, the reference every sharded run is held to; kills by tools/kill_at.py, a real SIGKILL
+as a step starts). The driver below (`python tests/test_fsdp.py '<json>'` under torchrun) checks what
+train.py does not show: the rows each process reads, strictness, a bf16 base, the gradient-sync switch,
+the replica check, the bytes each process holds.
 
 Tolerances: a sharded step computes each micro-batch as one process does, on the same gathered weights,
 but sums its gradients over processes by reduce-scatter and its routing sums by all-reduce, in another
@@ -28,16 +29,20 @@ import drlora  # noqa: E402
 import fsdp  # noqa: E402
 import hf  # noqa: E402
 import moe  # noqa: E402
+import train  # noqa: E402
+from data import arithmetic  # noqa: E402
 
-STEPS, KILL_AFTER = 12, 5  # checkpoints after steps 4, 8, 12: the kill leaves step 4's
+STEPS = 12  # checkpoints after steps 4, 8, 12; killed as step 6 starts, a run leaves step 4's
 # warm-up ends at 6 (events 6, 9): the step-4 checkpoint holds no AdamW state for the still frozen router
 LORA = dict(r_init=1, r_target=2, r_max=4, dT=3, warmup_frac=0.5, dropout=0.0)
 TOL = dict(loss=1e-5, rel=1e-5)  # sharded vs one process: largest loss difference, relative norm of tensors
 
 
 def base_model(n_experts=6):
-    cfg = moe.MoEConfig(vocab_size=258, hidden_size=32, n_layer=2, n_head=2, n_kv_head=2, n_experts=n_experts,
-                        top_k=2, intermediate_size=32, max_seq_len=64)
+    tok = hf.ByteTokenizer()  # train.py's runs read the arithmetic task in bytes
+    cfg = moe.MoEConfig(vocab_size=tok.vocab_size, hidden_size=32, n_layer=2, n_head=2, n_kv_head=2,
+                        n_experts=n_experts, top_k=2, intermediate_size=32, max_seq_len=160, pad_id=tok.pad_id,
+                        eos_id=tok.eos_id, tokenizer="byte")
     model = moe.MoETransformer(cfg)
     model.init_weights(seed=0)
     return model
@@ -51,74 +56,6 @@ def batch(t: int, index: int, B=2, T=16):
     mask = torch.ones(B, T, dtype=torch.long)
     mask[0, :3], y[0, :3] = 0, moe.IGNORE_INDEX
     return x, y, mask
-
-
-# -----------------------------------------------------------------------------
-# the driver: one run of train.py's loop, on one process or sharded
-
-
-def run(a: dict, mesh=None):
-    """One run, as train.py's loop: sharded over mesh, or on this one process without FSDP."""
-    world = mesh.size() if mesh else 1
-    sharded, out = mesh is not None, a["out"]
-    lcfg, seed = drlora.DRLoRAConfig(**LORA), 1337
-    if sharded:
-        rank = dist.get_rank()
-        model, drl = fsdp.from_pretrained(a["base"], mesh, lcfg, STEPS, seed)
-        shards = {k: sum(p.to_local().numel() * p.element_size() for p in model.parameters()
-                         if p.requires_grad == (k == "trainable")) for k in ("base", "trainable")}
-    else:
-        rank, model = 0, hf.from_pretrained(a["base"])
-        torch.manual_seed(seed)
-        drl = drlora.DRLoRA(model, lcfg, STEPS)
-    model.gradient_checkpointing = a.get("grad_ckpt", False)
-    opt = torch.optim.AdamW(drl.trainable_parameters(), lr=1e-2, weight_decay=0.0)
-    names = {id(p): n for n, p in model.named_parameters()}
-    ckpt, start, losses = os.path.join(out, "ckpt.pt"), 0, []
-    if a.get("resume"):
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        if sharded:
-            fsdp.load(model, opt, state["trainable"], state["optimizer"])
-        else:
-            with torch.no_grad():
-                for p in drl.trainable_parameters():
-                    p.copy_(state["trainable"][names[id(p)]])
-            opt.load_state_dict(state["optimizer"])
-        drl.load_state_dict(state["drlora"])
-        start, losses = state["step"], state["losses"]
-
-    def save(step):
-        if sharded:
-            trainable, optim_state = fsdp.gather(model, opt)
-            fsdp.save_adapter(model, drl, trainable, os.path.join(out, "adapter.safetensors"))
-        else:
-            trainable = {names[id(p)]: p.detach().clone() for p in drl.trainable_parameters()}
-            optim_state = opt.state_dict()
-            drlora.save_adapter(model, os.path.join(out, "adapter.safetensors"), lcfg)
-        if rank == 0:
-            torch.save({"step": step, "losses": losses, "trainable": trainable, "optimizer": optim_state,
-                        "drlora": drl.state_dict(), "world": world,
-                        "shards": shards if sharded else None}, ckpt + ".tmp")
-            os.replace(ckpt + ".tmp", ckpt)
-            if step == 4:  # where other tests resume from
-                shutil.copy(ckpt, os.path.join(out, "step4.pt"))
-        if sharded:  # nobody dies while process 0 writes
-            dist.barrier()
-
-    exit_at = int(os.environ.get("FSDP_TEST_EXIT_AFTER", -1))
-    accum = a["grad_accum"] // world
-    for t in range(start, STEPS):
-        micro = [batch(t, m * world + rank) for m in range(accum)]
-        loss = drlora.train_step(model, drl, opt, micro, t, grad_clip=1.0)[0]
-        if sharded:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        losses.append(loss.item())
-        if (t + 1) % 4 == 0:
-            save(t + 1)
-        if t == exit_at:
-            os._exit(3)
-    if sharded:
-        fsdp.check_replicas(drl)
 
 
 # -----------------------------------------------------------------------------
@@ -180,10 +117,16 @@ def load_worker(a: dict, mesh):
     if rank == 1:
         drl.blocks[0].experts.lora.set_ranks(drl.blocks[0].experts.lora.ranks + 1)
     try:
-        fsdp.check_replicas(drl)
+        train.check_replicas(drl, world, print)
     except RuntimeError as e:
         report["replicas_error"] = str(e)[:60]
     torch.save(report, os.path.join(a["dir"], f"report{rank}.pt"))
+
+
+def held_worker(a: dict, mesh):
+    """The bytes this process holds of the sharded model, for the memory test."""
+    model, _ = fsdp.from_pretrained(a["base"], mesh, drlora.DRLoRAConfig(**LORA), STEPS, seed=1337)
+    torch.save(fsdp.held(model), os.path.join(a["dir"], f"held{dist.get_world_size()}_{dist.get_rank()}.pt"))
 
 
 if __name__ == "__main__":  # a list of jobs for these processes, one after the other
@@ -191,7 +134,7 @@ if __name__ == "__main__":  # a list of jobs for these processes, one after the 
     dist.init_process_group("gloo")
     mesh = dist.device_mesh.init_device_mesh("cpu", (dist.get_world_size(),))
     for job in json.loads(sys.argv[1]):
-        (load_worker if job.get("mode") == "load" else run)(job, mesh)
+        {"load": load_worker, "held": held_worker}[job["mode"]](job, mesh)
     dist.destroy_process_group()
 
 
@@ -199,33 +142,19 @@ if __name__ == "__main__":  # a list of jobs for these processes, one after the 
 # the tests: every run at once (three launches of torchrun), then what each test asserts on them
 
 
-def launch(jobs: list, nproc: int, timeout: int = 300, **env) -> subprocess.CompletedProcess:
-    """jobs, one after the other, on nproc processes (torchrun, gloo). A hang fails after timeout seconds."""
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                          str(nproc), os.path.abspath(__file__), json.dumps(jobs)], cwd=ROOT, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+def launch(cmd: list, nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A script on nproc processes (torchrun, gloo), or on this one (nproc 0). A hang fails after timeout s."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc \
+        else [sys.executable]
+    p = subprocess.Popen(run + [str(c) for c in cmd], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         p.terminate()
         out, err = p.communicate(timeout=60)
-        pytest.fail(f"{nproc} processes still running after {timeout} s: {out[-1000:]} {err[-2000:]}")
+        pytest.fail(f"{cmd[:2]} on {nproc} processes still running after {timeout} s: {out[-1000:]} {err[-2000:]}")
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-
-def one_process(tmp, name, grad_accum=2, resume_from=None):
-    """A run on this process, the path train.py takes today (no FSDP, no process group)."""
-    (tmp / name).mkdir()
-    if resume_from:
-        shutil.copy(resume_from, tmp / name / "ckpt.pt")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the sharded runs: a sum split over threads would round otherwise
-    try:
-        run({"base": str(tmp / "base"), "out": str(tmp / name), "grad_accum": grad_accum,
-             "resume": bool(resume_from)})
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +162,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     model = base_model()
     hf.save_pretrained(model, tmp / "base")
+    arithmetic.prepare(out_dir=tmp / "task", sizes={"train": 200, "val": 8, "test": 8}, seed=0)
     from safetensors.torch import load_file, save_file
     from tools import export
     shutil.copytree(tmp / "base", tmp / "per_expert")
@@ -241,30 +171,39 @@ def runs(tmp_path_factory):
     sd = load_file(tmp / "missing" / "model.safetensors")
     del sd["model.layers.1.mlp.experts.5.up_proj.weight"]
     save_file(sd, tmp / "missing" / "model.safetensors")
-    one_process(tmp, "one")
-    one_process(tmp, "one4", grad_accum=4)
-    def job(name, **kw):
-        return {"base": str(tmp / "base"), "out": str(tmp / name), "grad_accum": 2, **kw}
 
-    (tmp / "killed").mkdir()
-    p = launch([job("killed", grad_ckpt=True)], 2, FSDP_TEST_EXIT_AFTER=str(KILL_AFTER))
-    assert p.returncode == 1 and p.stderr.count("exitcode  : 3") == 2, p.stderr[-4000:]  # torchrun names them
-    killed = torch.load(tmp / "killed" / "ckpt.pt", weights_only=False)
-    for name in ("two", "1to2"):
-        (tmp / name).mkdir()
-    shutil.copy(tmp / "one" / "step4.pt", tmp / "1to2" / "ckpt.pt")
-    p = launch([job("two", grad_ckpt=True), job("killed", grad_ckpt=True, resume=True),
-                job("1to2", resume=True), {"mode": "load", "base": str(tmp / "base"), "dir": str(tmp)}], 2)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    for name in ("four", "1to4"):
-        (tmp / name).mkdir()
-    shutil.copy(tmp / "one4" / "step4.pt", tmp / "1to4" / "ckpt.pt")
-    p = launch([job("four", grad_accum=4), job("1to4", grad_accum=4, resume=True)], 4)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    one_process(tmp, "2to1", resume_from=tmp / "two" / "step4.pt")
-    ck = {n: torch.load(tmp / n / "ckpt.pt", weights_only=False)
-          for n in ("one", "one4", "two", "1to2", "2to1", "four", "1to4")}
-    ck["resumed"], ck["killed"] = torch.load(tmp / "killed" / "ckpt.pt", weights_only=False), killed
+    def train_py(name, nproc, *extra, accum=2, kill=None, resume_from=None):
+        """train.py in tmp/name: on nproc processes with --fsdp, or on one without; killed as step `kill` starts."""
+        (tmp / name).mkdir(exist_ok=True)
+        if resume_from:
+            shutil.copy(resume_from, tmp / name / "ckpt.pt")
+        argv = ["--model", tmp / "base", "--preset", "tiny", "--task", tmp / "task", "--out_dir", tmp / name,
+                "--steps", STEPS, "--batch_size", 2, "--grad_accum", accum, "--block_size", 160, "--ckpt_interval", 4,
+                "--eval_base", "false", "--eval_samples", 2, "--max_new_tokens", 2, "--log_interval", 100,
+                *[f"--{k}={v}" for k, v in LORA.items()], *(["--fsdp"] if nproc else []),
+                *(["--resume"] if resume_from else []), *extra]
+        p = launch((["tools/kill_at.py", kill] if kill else ["train.py"]) + argv, nproc)
+        if kill:  # SIGKILL: -9 from one process, torchrun's failure from several
+            assert p.returncode == (1 if nproc else -9), p.stderr[-3000:]
+            shutil.copy(tmp / name / "ckpt.pt", tmp / f"{name}_step4.pt")
+        else:
+            assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+        return torch.load(tmp / name / "ckpt.pt", weights_only=False)
+
+    ck = {"one": train_py("one", 0), "one4": train_py("one4", 0, accum=4),
+          "two": train_py("two", 2, "--grad_ckpt", "true")}
+    train_py("one_k", 0, kill=6)  # step-4 checkpoints of one process
+    train_py("one4_k", 0, accum=4, kill=6)
+    ck["killed"] = train_py("killed", 2, "--grad_ckpt", "true", kill=6)
+    ck["resumed"] = train_py("killed", 2, "--grad_ckpt", "true", resume_from=tmp / "killed_step4.pt")
+    ck["1to2"] = train_py("1to2", 2, resume_from=tmp / "one_k_step4.pt")
+    ck["2to1"] = train_py("2to1", 0, resume_from=tmp / "killed_step4.pt")
+    ck["four"] = train_py("four", 4, accum=4)
+    ck["1to4"] = train_py("1to4", 4, accum=4, resume_from=tmp / "one4_k_step4.pt")
+    job = {"base": str(tmp / "base"), "dir": str(tmp)}
+    for nproc, jobs in ((2, [{"mode": "load", **job}, {"mode": "held", **job}]), (4, [{"mode": "held", **job}])):
+        p = launch([os.path.abspath(__file__), json.dumps(jobs)], nproc)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return tmp, ck
 
 
@@ -275,12 +214,13 @@ def rel(a, b):
 def assert_close_runs(a, b, exact=False):
     """a and b end alike: the same growth events and ranks; losses, trainables, AdamW state, f and g within
     TOL, or bit for bit."""
-    assert a["step"] == b["step"] == STEPS and len(a["losses"]) == len(b["losses"]) == STEPS
+    la, lb = a["history"]["loss"], b["history"]["loss"]
+    assert a["step"] == b["step"] == STEPS and len(la) == len(lb) == STEPS
     assert [(e["step"], e["ranks"]) for e in a["drlora"]["history"]] == \
         [(e["step"], e["ranks"]) for e in b["drlora"]["history"]]
     assert torch.equal(a["drlora"]["ranks"], b["drlora"]["ranks"])
-    assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) <= (0 if exact else TOL["loss"])
-    assert list(a["trainable"]) == list(b["trainable"])
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= (0 if exact else TOL["loss"])
+    assert sorted(a["trainable"]) == sorted(b["trainable"])  # by name: the order of a dict is no layout
     pairs = [(a["trainable"][n], b["trainable"][n]) for n in a["trainable"]]
     da, db = a["drlora"], b["drlora"]
     pairs += [(da["f"], db["f"])] + [(da["g"][p], db["g"][p]) for p in da["g"]]
@@ -297,7 +237,7 @@ def assert_close_runs(a, b, exact=False):
 def test_two_processes_match_one(runs):
     tmp, ck = runs
     one, two = ck["one"], ck["two"]
-    assert one["world"] == 1 and two["world"] == 2
+    assert len(one["rng"]) == 1 and len(two["rng"]) == 2 and two["config"]["fsdp"] and not one["config"]["fsdp"]
     ranks = one["drlora"]["ranks"]
     assert [e["step"] for e in one["drlora"]["history"]] == [6, 9] and ranks.sum(-1).tolist() == [12, 12]
     assert len(set(ranks.flatten().tolist())) > 1  # the decisions discriminated
@@ -312,8 +252,8 @@ def test_two_processes_match_one(runs):
 
 def test_killed_and_resumed_on_two_processes_ends_bit_for_bit(runs):
     _, ck = runs
-    killed = ck["killed"]  # died after step 5, past the step-4 checkpoint
-    assert killed["step"] == 4 and len(killed["losses"]) == 4 and killed["world"] == 2
+    killed = ck["killed"]  # SIGKILLed as step 6 started, past the step-4 checkpoint
+    assert killed["step"] == 4 and len(killed["history"]["loss"]) == 4 and len(killed["rng"]) == 2
     router = [i for i, n in enumerate(killed["trainable"]) if ".mlp.gate." in n]
     assert router and not set(router) & set(killed["optimizer"]["state"])  # frozen so far: no AdamW state
     assert_close_runs(ck["resumed"], ck["two"], exact=True)
@@ -322,7 +262,7 @@ def test_killed_and_resumed_on_two_processes_ends_bit_for_bit(runs):
 def test_checkpoints_resume_across_process_counts(runs):
     _, ck = runs
     for name, world in (("2to1", 1), ("1to2", 2)):
-        assert ck[name]["world"] == world
+        assert len(ck[name]["rng"]) == world
         assert_close_runs(ck[name], ck["one"])
 
 
@@ -332,7 +272,7 @@ def test_six_experts_on_four_processes(runs):
     _, ck = runs
     for name in ("four", "1to4"):
         four = ck[name]
-        assert four["world"] == 4
+        assert len(four["rng"]) == 4
         assert four["drlora"]["f"].shape == (2, 6)
         assert all(g.shape == (2, 6, 4) for g in four["drlora"]["g"].values())
         assert four["drlora"]["g"]["up_proj"].abs().sum() > 0  # steps 9..11 since the last reset
@@ -366,11 +306,11 @@ def test_loading_reads_each_process_its_shards(runs):
 def test_memory_worked_out_is_what_process_0_holds(runs):
     """fsdp.memory's shards (padded as FSDP pads: 6 experts on 4 processes take 2 rows each) are the bytes
     process 0 holds, and the tables print."""
-    _, ck = runs
+    tmp, _ = runs
     cfg, lcfg = base_model().cfg, drlora.DRLoRAConfig(**LORA)
     for name, world in (("two", 2), ("four", 4)):
         mem = fsdp.memory(cfg, lcfg, world, dtype=torch.float32)
-        assert {k: mem[k] for k in ("base", "trainable")} == ck[name]["shards"], name
+        assert {k: mem[k] for k in ("base", "trainable")} == torch.load(tmp / f"held{world}_0.pt"), name
         assert mem["adamw"] == 2 * mem["trainable"] and mem["total"] > mem["base"] + 4 * mem["trainable"]
     table = fsdp.plan()
     assert table.count("| Qwen3-30B-A3B |") == table.count("| Mixtral-8x7B |") == 3 and "not measured" in table

@@ -155,16 +155,13 @@ def test_generate_with_cache_matches_full_recompute(tmp_path):
     assert ref[0, 5:].tolist() == got[0]
 
 
-def test_generate_stops_at_eos_and_samples_reproducibly(tmp_path):
+def test_generate_stops_at_eos(tmp_path):
     ref = hf_tiny("olmoe", seed=4)
     ref.save_pretrained(tmp_path)
     model = hf.from_pretrained(str(tmp_path)).eval()
     greedy = model.generate([[5, 6, 7]], max_new_tokens=6, pad_id=0)[0]
     eos = greedy[2]  # pretend the third greedy token is eos: output must stop before it
     assert model.generate([[5, 6, 7]], max_new_tokens=6, pad_id=0, eos_id=eos)[0] == greedy[: greedy.index(eos)]
-    a = model.generate([[5, 6, 7]] * 2, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
-    b = model.generate([[5, 6, 7]] * 2, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
-    assert a == b
 
 
 def test_save_pretrained_round_trip_and_transformers_loads_it(tmp_path):

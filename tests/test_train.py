@@ -78,7 +78,7 @@ def test_two_processes_on_gloo_through_torchrun(setup, tmp_path):
            *args(setup, tmp_path, "--grad_accum", "2")]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    assert "all 2 processes hold identical adapters, ranks and routers" in p.stdout
+    assert "all 2 processes hold identical adapters, ranks, routers, f and g" in p.stdout
     assert "4 samples x 1 micro-batches x 2 processes" in p.stdout
     ranks = torch.load(tmp_path / "ckpt.pt", weights_only=False)["drlora"]["ranks"]
     assert ranks.sum(-1).tolist() == [8, 8]
@@ -117,7 +117,7 @@ def test_one_process_run_resumed_by_two_with_an_evaluation_midway(setup, tmp_pat
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "resuming 1 processes' run with 2: dropout masks are drawn afresh" in p.stdout
     assert "resumed from" in p.stdout and "eval step 8: val loss" in p.stdout
-    assert "all 2 processes hold identical adapters, ranks and routers" in p.stdout
+    assert "all 2 processes hold identical adapters, ranks, routers, f and g" in p.stdout
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ck["step"] == 12 and ck["drlora"]["ranks"].sum(-1).tolist() == [8, 8]
     assert [e["step"] for e in ck["history"]["eval"]] == [8] and len(ck["history"]["loss"]) == 12

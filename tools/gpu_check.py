@@ -477,6 +477,7 @@ def print_resume(r: dict):
 def section_fsdp(device: str, tiny: bool, failures: list) -> dict | None:
     """See the docstring's item 3. Returns the report on process 0, None on the others."""
     import fsdp
+    import train
 
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -522,7 +523,7 @@ def section_fsdp(device: str, tiny: bool, failures: list) -> dict | None:
     peak = peak_gib(device)
     trainable, _ = fsdp.gather(model, opt)
     fsdp.save_adapter(model, drl, trainable, adapter)
-    fsdp.check_replicas(drl)
+    train.check_replicas(drl, world, print)
     peaks = [None] * world
     dist.all_gather_object(peaks, peak)
     sharded = {"losses": losses, "events": [e["step"] for e in drl.history], "ranks": drl.ranks.tolist()}
