@@ -246,7 +246,8 @@ def check_replicas(drl, world: int, log):
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     if not all(torch.equal(c, mine) for c in every):
-        raise RuntimeError(f"processes disagree after training (checksum, ranks, ...): {[c[:8].tolist() for c in every]}")
+        raise RuntimeError(f"processes disagree after training (checksum, ranks, ...): "
+                           f"{[c[:8].tolist() for c in every]}")
     log(f"all {world} processes hold identical adapters, ranks, routers, f and g")
 
 

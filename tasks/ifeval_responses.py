@@ -20,7 +20,6 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
-import drlora  # noqa: E402
 import hf  # noqa: E402
 from data import common, pretrain  # noqa: E402
 from tasks import metrics  # noqa: E402
