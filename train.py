@@ -234,7 +234,10 @@ def evaluate(what: str, step: int, evaluation: dict, here: bool, waiting_room, e
 def check_replicas(drl, world: int, log):
     """Every process must hold the same ranks (the buffer, and the python mirror the forward slices by), f, g,
     adapters and router (a checksum of the active slots, gathered whole under FSDP)."""
-    whole = [lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t][0]
+
+    def whole(t):  # an FSDP shard gathered (every process takes part); a plain tensor as it is
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
     total = torch.zeros((), dtype=torch.float64, device=drl.f.device)
     for lora in (blk.experts.lora for blk in drl.blocks):
         for A, B in ((whole(lora.A[p]), whole(lora.B[p])) for p in drl.cfg.targets):
